@@ -24,3 +24,145 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# --------------------------------------------------------------------------- model directory
+#
+#   model/
+#     manifest.json          config, backbone identity, dimensions, and for every file its sha256
+#     shared.safetensors     the shared flow (written with task 0, never rewritten while it is unchanged)
+#     task_000.safetensors   task 0's modules + its router prototype + its score threshold
+#     task_001.safetensors   ...
+#
+# A new task writes its own file and then replaces manifest.json by an atomic rename, so a reader sees
+# the model before or after the new task, never a mix, and earlier task files stay byte-identical.
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+FORMAT = "moleflow-model"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """A model directory that cannot be loaded; the message names the file and the reason."""
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _tensor_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return st_save(clean, metadata=metadata)
+
+
+@dataclass
+class TaskRecord:
+    index: int
+    classes: list[str]
+    threshold: float  # image-score decision threshold calibrated on the task's training images
+    specs: list[str] = field(default_factory=list)  # class specs as configured ("elpv:mono")
+    map_low: float = 0.0  # 1st percentile of training patch scores: the bottom of the map colour scale
+    file: str = ""
+    sha256: str = ""
+
+
+def read_manifest(model_dir: Path) -> dict:
+    model_dir = Path(model_dir)
+    path = model_dir / MANIFEST
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir} is not a model directory (it does not exist); give the 'model' folder of a run")
+    if not path.is_file():
+        raise CheckpointError(f"{model_dir} is not a model directory: {MANIFEST} is missing; give the 'model' folder of a run")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is corrupt: {exc}") from None
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a moleflow manifest")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format version {manifest.get('version')}; this moleflow reads {FORMAT_VERSION}")
+    return manifest
+
+
+def read_checked(model_dir: Path, entry: dict) -> dict[str, torch.Tensor]:
+    """Load one safetensors file of the manifest after checking its sha256."""
+    path = Path(model_dir) / entry["file"]
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing (listed in {MANIFEST})")
+    data = path.read_bytes()
+    digest = sha256_bytes(data)
+    if digest != entry["sha256"]:
+        raise CheckpointError(
+            f"{path} is damaged or was altered: its sha256 {digest[:12]}… differs from the manifest's {entry['sha256'][:12]}…"
+        )
+    try:
+        return st_load(data)
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"{path} cannot be read as safetensors: {exc}") from None
+
+
+def write_model(
+    model_dir: Path,
+    *,
+    config: dict,
+    backbone: dict,
+    channels: int,
+    grid: tuple[int, int],
+    shared: dict[str, torch.Tensor],
+    tasks: list[TaskRecord],
+    task_tensors: dict[int, dict[str, torch.Tensor]],
+    extra: dict | None = None,
+) -> dict:
+    """Write the files that changed, then the manifest (atomically). Returns the manifest.
+
+    `task_tensors` holds the tensors of the tasks to (re)write; a task missing from it must already be
+    on disk under the previous manifest and is kept as it is, byte for byte.
+    """
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    old = read_manifest(model_dir) if (model_dir / MANIFEST).exists() else None
+    old_tasks = {t["index"]: t for t in old["tasks"]} if old else {}
+
+    shared_bytes = _tensor_bytes(shared)
+    shared_entry = {"file": "shared.safetensors", "sha256": sha256_bytes(shared_bytes)}
+    if not (old and old["shared"]["sha256"] == shared_entry["sha256"] and (model_dir / shared_entry["file"]).is_file()):
+        atomic_write_bytes(model_dir / shared_entry["file"], shared_bytes)
+
+    entries = []
+    for rec in tasks:
+        if rec.index in task_tensors:
+            data = _tensor_bytes(task_tensors[rec.index], {"classes": json.dumps(rec.classes)})
+            rec.file = f"task_{rec.index:03d}.safetensors"
+            rec.sha256 = sha256_bytes(data)
+            prev = old_tasks.get(rec.index)
+            if not (prev and prev["sha256"] == rec.sha256 and (model_dir / rec.file).is_file()):
+                atomic_write_bytes(model_dir / rec.file, data)
+        else:
+            prev = old_tasks.get(rec.index)
+            if prev is None:
+                raise CheckpointError(f"task {rec.index} has neither new tensors nor a file in {model_dir}")
+            rec.file, rec.sha256 = prev["file"], prev["sha256"]
+        entries.append({"index": rec.index, "classes": rec.classes, "specs": rec.specs or rec.classes,
+                        "threshold": rec.threshold, "map_low": rec.map_low, "file": rec.file, "sha256": rec.sha256})
+
+    manifest = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "config": config,
+        "backbone": backbone,
+        "channels": channels,
+        "grid": list(grid),
+        "shared": shared_entry,
+        "tasks": entries,
+        **(extra or {}),
+    }
+    atomic_write_text(model_dir / MANIFEST, json.dumps(manifest, indent=2))
+    return manifest

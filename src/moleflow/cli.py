@@ -1,0 +1,172 @@
+"""`moleflow` command line.
+
+Every user-caused problem (bad config key, missing dataset, not a model directory, …) ends with a one-line
+error that says how to fix it and exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+COMMANDS = {
+    "fit": "train a scenario task by task and evaluate every seen task after each one",
+    "add-task": "learn one new task on a saved model from the new images only",
+    "evaluate": "evaluate a saved model on its tasks' test sets",
+    "predict": "score new images: routed task, image score, anomalous or not, anomaly-map PNGs",
+    "demo": "learn two real solar-cell tasks (ELPV mono, then poly) on CPU and show the results",
+    "grid": "run an experiment grid (--vary key=v1,v2 --seeds 0,1), resumable",
+    "report": "compare run directories in grouped Markdown tables",
+    "analyze": "analyses of trained runs (tail: the tail-aware loss analysis suite)",
+}
+
+
+def _default_run_dir(stem: str) -> Path:
+    return Path("runs") / f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="moleflow",
+        description="Continual anomaly detection on industrial images (MoLE-Flow).",
+        epilog="commands:\n" + "\n".join(f"  {k:<10} {v}" for k, v in COMMANDS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars, only the result lines")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    f = sub.add_parser("fit", help=COMMANDS["fit"])
+    f.add_argument("config", help="experiment YAML (e.g. configs/mvtec_main.yaml)")
+    f.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 train.epochs=5")
+    f.add_argument("--out", type=Path, help="run directory (default runs/<config>-<time>)")
+    f.add_argument("--plots", action=argparse.BooleanOptionalAction, default=None, help="write PNG plots and report.html (default on)")
+
+    a = sub.add_parser("add-task", help=COMMANDS["add-task"])
+    a.add_argument("model_dir", type=Path)
+    a.add_argument("--dataset", required=True, help="mvtec | mpdd | visa | elpv | folder")
+    a.add_argument("--root", help="dataset root (the folder holding the class folders); not needed for elpv")
+    a.add_argument("--classes", nargs="+", required=True, help="class(es) of the new task")
+    a.add_argument("--out", type=Path, help="run directory for results (default: the model's own run directory)")
+
+    e = sub.add_parser("evaluate", help=COMMANDS["evaluate"])
+    e.add_argument("model_dir", type=Path)
+    e.add_argument("config", nargs="?", help="YAML whose data section says where the test data lies (default: the model's)")
+    e.add_argument("overrides", nargs="*")
+    e.add_argument("--out", type=Path)
+
+    pr = sub.add_parser("predict", help=COMMANDS["predict"])
+    pr.add_argument("model_dir", type=Path)
+    pr.add_argument("paths", nargs="+", type=Path, help="image files or folders of images")
+    pr.add_argument("--out", type=Path, required=True, help="folder for predictions.jsonl and the PNG maps")
+
+    d = sub.add_parser("demo", help=COMMANDS["demo"])
+    d.add_argument("--out", type=Path, help="run directory (default runs/demo-<time>)")
+    d.add_argument("--add", type=Path, help="an MVTec-layout class folder (e.g. ../shared/data/mvtec_ad/bottle) to add as a third task")
+    d.add_argument("overrides", nargs="*", help="dotted overrides of the demo config")
+
+    g = sub.add_parser("grid", help=COMMANDS["grid"])
+    g.add_argument("config")
+    g.add_argument("--vary", action="append", default=[], help="key=v1,v2 (repeatable)")
+    g.add_argument("--seeds", default="", help="comma-separated seeds, e.g. 0,1,2")
+    g.add_argument("--out", type=Path, default=Path("runs/grid"))
+
+    r = sub.add_parser("report", help=COMMANDS["report"])
+    r.add_argument("run_dirs", nargs="+", type=Path)
+    r.add_argument("--group-by", default="", help="comma-separated config keys, e.g. train.lr,loss.lambda_logdet")
+    r.add_argument("--baseline", default="", help="run name to compute deltas against")
+
+    an = sub.add_parser("analyze", help=COMMANDS["analyze"])
+    an.add_argument("kind", choices=["tail"])
+    an.add_argument("run_mean_only", type=Path)
+    an.add_argument("run_tail_aware", type=Path)
+    an.add_argument("--out", type=Path)
+    return p
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from moleflow.backbone import BackboneError
+    from moleflow.checkpoint import CheckpointError
+    from moleflow.config import ConfigError
+    from moleflow.data import DatasetError
+    from moleflow.train import TrainingError
+
+    return (ConfigError, DatasetError, CheckpointError, BackboneError, TrainingError, FileNotFoundError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help()
+        return 0
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    errors = _user_errors()
+    try:
+        return _run(args)
+    except errors as exc:
+        print(f"moleflow {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"moleflow {args.command}: interrupted; completed tasks are saved in the model directory", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from moleflow import pipeline
+    from moleflow.config import load_config
+
+    progress = not args.quiet
+    if args.command == "fit":
+        cfg = load_config(args.config, args.overrides)
+        if args.plots is not None:
+            cfg.output.plots = args.plots
+        out = args.out or _default_run_dir(Path(args.config).stem)
+        t0 = time.perf_counter()
+        results = pipeline.run_fit(cfg, out, progress=progress)
+        _print_summary(results, out, time.perf_counter() - t0)
+        return 0
+    if args.command == "add-task":
+        from moleflow.data import parse_class_spec
+
+        specs = [c if ":" in c else f"{args.dataset}:{c}" for c in args.classes]
+        for s in specs:
+            parse_class_spec(s, args.dataset)
+        roots = {args.dataset: args.root} if args.root else {}
+        t0 = time.perf_counter()
+        results = pipeline.run_add_task(args.model_dir, specs, roots, args.out, progress=progress)
+        _print_summary(results, args.out or args.model_dir.parent, time.perf_counter() - t0)
+        return 0
+    if args.command == "evaluate":
+        cfg = load_config(args.config, args.overrides) if args.config else None
+        out = args.out or _default_run_dir("evaluate")
+        results = pipeline.run_evaluate(args.model_dir, cfg, out, progress=progress)
+        _print_summary(results, out, None)
+        return 0
+    if args.command == "predict":
+        from moleflow.predict import run_predict
+
+        n = run_predict(args.model_dir, args.paths, args.out, progress=progress)
+        print(f"{n} predictions written to {args.out / 'predictions.jsonl'}")
+        return 0
+    if args.command == "demo":
+        from moleflow.demo import run_demo
+
+        return run_demo(args.out or _default_run_dir("demo"), args.add, args.overrides, progress=progress)
+    print(f"moleflow {args.command}: not available in this version yet", file=sys.stderr)
+    return 2
+
+
+def _print_summary(results: dict, run_dir: Path, seconds: float | None) -> None:
+    from moleflow.report import step_table
+
+    print()
+    print(step_table(results))
+    if seconds is not None:
+        print(f"\ntook {seconds:.0f} s")
+    print(f"run directory: {run_dir}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""`moleflow predict`: score new images with a saved model, without being told their product type.
+
+For every image: one JSON line (path, routed task, image score, threshold, anomalous) in
+`predictions.jsonl`, and the anomaly map as a colour PNG plus an overlay on the image under `maps/`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from moleflow.checkpoint import atomic_write_text
+from moleflow.data import DatasetError, load_image
+from moleflow.pipeline import load_system
+from moleflow.router import UNKNOWN
+from moleflow.scoring import anomaly_map, image_score, patch_scores
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+
+def collect_images(paths: list[Path]) -> list[Path]:
+    """Image files named directly, or found (sorted, recursively) in the folders named."""
+    files: list[Path] = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            if not found:
+                raise DatasetError(f"{p} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DatasetError(f"{p} does not exist")
+    return files
+
+
+@torch.no_grad()
+def run_predict(model_dir: Path, paths: list[Path], out_dir: Path, progress: bool = True, batch_size: int = 8) -> int:
+    system = load_system(model_dir)
+    from moleflow.plots import save_prediction_pngs
+
+    cfg, size = system.cfg, system.cfg.data.image_size
+    files = collect_images(paths)
+    out_dir = Path(out_dir)
+    (out_dir / "maps").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for start in tqdm(range(0, len(files), batch_size), desc="predict", disable=not progress):
+        batch = files[start : start + batch_size]
+        images = torch.stack([load_image(f, size) for f in batch])  # (B, 3, S, S) in [0, 1]
+        patches, desc = system.extractor(images.to(system.device))  # (B, H, W, C), (B, D)
+        nll = None
+        if system.router.mode == "hybrid":
+            def nll(index, tasks):  # noqa: E306 - closes over this batch
+                z, ld = system.model.forward_routed(patches[index], tasks.to(system.device))
+                return patch_scores(z, ld).mean(dim=(1, 2)).cpu()
+        if system.router.mode == "oracle":
+            raise DatasetError("this model routes with the oracle (router.mode: oracle), which needs the true task; predict cannot know it")
+        routed = system.router.route(desc.cpu(), task_nll=nll)
+        known = routed != UNKNOWN
+        scores = torch.full((len(batch),), float("nan"))
+        maps = torch.zeros(len(batch), size, size)
+        if known.any():
+            idx = known.nonzero().squeeze(1)
+            z, log_det = system.model.forward_routed(patches[idx], routed[idx].to(system.device))
+            s = patch_scores(z, log_det)  # (b, H, W)
+            scores[idx] = image_score(s, cfg.scoring.aggregation, cfg.scoring.top_k).cpu()
+            maps[idx] = anomaly_map(s, size, cfg.scoring.blur_sigma).cpu()
+        for i, f in enumerate(batch):
+            t = int(routed[i])
+            record = {"path": str(f), "task": t}
+            if t == UNKNOWN:
+                record.update({"classes": None, "image_score": None, "threshold": None, "anomalous": None,
+                               "note": "no learned task matches this image (unknown product)"})
+            else:
+                rec = system.tasks[t]
+                vmax = rec.threshold + 0.5 * max(rec.threshold - rec.map_low, 1e-6)
+                stem = f"{start + i:05d}_{f.stem}"
+                save_prediction_pngs(images[i], maps[i].numpy(), rec.map_low, vmax,
+                                     out_dir / "maps" / f"{stem}_map.png", out_dir / "maps" / f"{stem}_overlay.png")
+                record.update({"classes": rec.classes, "image_score": float(scores[i]), "threshold": rec.threshold,
+                               "anomalous": bool(scores[i] > rec.threshold),
+                               "map": f"maps/{stem}_map.png", "overlay": f"maps/{stem}_overlay.png"})
+            lines.append(json.dumps(record))
+    atomic_write_text(out_dir / "predictions.jsonl", "\n".join(lines) + "\n")
+    return len(lines)

@@ -1,0 +1,131 @@
+"""Training one task on cached features (METHOD.md §3).
+
+The backbone is frozen and its features are cached, so an epoch is a pass of the flow over stored
+(N, H, W, C) tensors. Only the parameters `model.set_trainable(t)` returns are optimised; with complete
+separation that means task t's own modules (plus the shared ones for task 0).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from moleflow.config import LossConfig, TrainConfig
+from moleflow.features import FeatureSet
+from moleflow.loss import tail_aware_loss
+from moleflow.model import MoLEFlow
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a NaN or infinite loss); the model was restored to its state before the task."""
+
+
+@dataclass
+class TrainLog:
+    task: int
+    epoch_loss: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    steps: int = 0
+    grad_norms: list[dict[str, float]] = field(default_factory=list)  # per step, when recorded
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def _schedule(cfg: TrainConfig, total_steps: int, steps_per_epoch: int):
+    warmup = cfg.warmup_epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def block_grad_norms(model: MoLEFlow) -> dict[str, float]:
+    """Gradient norm of each coupling block of the base flow (for the tail-loss analysis)."""
+    out = {}
+    for i, block in enumerate(model.flow.blocks):
+        sq = sum(float(p.grad.detach().pow(2).sum()) for p in block.parameters() if p.grad is not None)
+        out[f"block{i}"] = math.sqrt(sq)
+    return out
+
+
+def fit_task(
+    model: MoLEFlow,
+    task: int,
+    features: FeatureSet,
+    train_cfg: TrainConfig,
+    loss_cfg: LossConfig,
+    device: torch.device,
+    progress: bool = True,
+) -> TrainLog:
+    """Train task `task` (already added to the model) on its cached training features."""
+    params = model.set_trainable(task)
+    if not params:
+        raise TrainingError(f"task {task} has no trainable parameters (check the model config)")
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    n = len(features)
+    bs = min(train_cfg.batch_size, n)
+    steps_per_epoch = math.ceil(n / bs)
+    total = steps_per_epoch * train_cfg.epochs
+    opt = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(train_cfg, total, steps_per_epoch))
+    gen = torch.Generator().manual_seed(train_cfg.seed * 1000 + task)
+    log = TrainLog(task=task)
+    t0 = time.perf_counter()
+    model.train()
+    bar = tqdm(range(train_cfg.epochs), desc=f"train task {task}", disable=not progress, leave=False)
+    try:
+        with model.use_task(task):
+            for epoch in bar:
+                order = torch.randperm(n, generator=gen)
+                running, count = 0.0, 0
+                for start in range(0, n, bs):
+                    idx = order[start : start + bs]
+                    x = features.patches[idx].to(device=device, dtype=torch.float32)  # (B, H, W, C)
+                    z, log_det = model(x)
+                    loss, _ = tail_aware_loss(z, log_det, loss_cfg, reg=model.regularization(task))
+                    if not torch.isfinite(loss):
+                        raise TrainingError(
+                            f"task {task}, epoch {epoch + 1}: the loss became {float(loss)}; "
+                            "lower train.lr or raise train.grad_clip's strictness (e.g. train.grad_clip=0.5)"
+                        )
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if train_cfg.record_grad_norms:
+                        log.grad_norms.append(block_grad_norms(model))
+                    if train_cfg.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip)
+                    opt.step()
+                    sched.step()
+                    log.steps += 1
+                    running += float(loss) * len(idx)
+                    count += len(idx)
+                log.epoch_loss.append(running / count)
+                bar.set_postfix(loss=f"{log.epoch_loss[-1]:.4f}")
+    except BaseException:
+        # Leave no half-trained model behind: every tensor goes back to its value before this task.
+        model.load_state_dict(before)
+        raise
+    finally:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+    log.seconds = time.perf_counter() - t0
+    return log
