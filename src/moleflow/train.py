@@ -115,7 +115,7 @@ def fit_task(
                     opt.step()
                     sched.step()
                     log.steps += 1
-                    running += float(loss) * len(idx)
+                    running += float(loss.detach()) * len(idx)
                     count += len(idx)
                 log.epoch_loss.append(running / count)
                 bar.set_postfix(loss=f"{log.epoch_loss[-1]:.4f}")

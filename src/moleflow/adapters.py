@@ -1,0 +1,159 @@
+"""Adapters around the base flow: WhiteningAdapter (per task), SpatialMixer (shared), DIA (per task).
+
+All act on channels-last tensors (B, H, W, C).
+
+- WhiteningAdapter and SpatialMixer prepare the flow's input; they are not part of the density.
+- DIA (Deep Invertible Adapter) is a small per-task flow applied after the base flow; its per-patch
+  log-det adds to the base flow's.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moleflow.flow import soft_clamp
+
+# Task 0's whitening starts here: gamma = 0.5 + 1.5·sigmoid(-0.7) ≈ 0.998, i.e. near identity (V3-1).
+TASK0_GAMMA_RAW = -0.7
+
+
+class WhiteningAdapter(nn.Module):
+    """y = γ ⊙ LayerNorm_noaffine(x) + β, γ = γmin + (γmax − γmin)·sigmoid(γ_raw), β = βmax·tanh(β_raw).
+
+    Task 0 starts near identity (γ ≈ 1, β = 0) and is pulled there by `identity_regularization()`;
+    later tasks start at the midpoint of the γ range (γ_raw = 0) with β = 0.
+    """
+
+    def __init__(self, channels: int, task_index: int, gamma_min: float, gamma_max: float, beta_max: float) -> None:
+        super().__init__()
+        if not 0 < gamma_min < gamma_max:
+            raise ValueError(f"WhiteningAdapter: need 0 < gamma_min < gamma_max, got {gamma_min}, {gamma_max}")
+        self.channels = channels
+        self.task_index = task_index
+        self.gamma_min = gamma_min
+        self.gamma_max = gamma_max
+        self.beta_max = beta_max
+        init = TASK0_GAMMA_RAW if task_index == 0 else 0.0
+        self.gamma_raw = nn.Parameter(torch.full((channels,), init))
+        self.beta_raw = nn.Parameter(torch.zeros(channels))
+
+    @property
+    def gamma(self) -> torch.Tensor:  # (C,)
+        return self.gamma_min + (self.gamma_max - self.gamma_min) * torch.sigmoid(self.gamma_raw)
+
+    @property
+    def beta(self) -> torch.Tensor:  # (C,)
+        return self.beta_max * torch.tanh(self.beta_raw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C) -> (B, H, W, C)
+        return self.gamma * F.layer_norm(x, (self.channels,)) + self.beta
+
+    def identity_regularization(self) -> torch.Tensor:
+        """mean (γ − 1)² + mean β² (unweighted; the loss applies LossConfig.whitening_reg)."""
+        return ((self.gamma - 1.0) ** 2).mean() + (self.beta**2).mean()
+
+
+class SpatialMixer(nn.Module):
+    """y = x + g·(conv(x) − x): a 3×3 depthwise conv over the patch grid, blended in by a gate.
+
+    g = sigmoid(θ) starts at `init_gate` (0.1). The conv starts as the 3×3 mean filter with zero bias,
+    so the fresh mixer is a mild neighbourhood smoothing; borders are padded by replication so that a
+    constant map stays constant (zero padding would shrink border patches towards 0).
+    Shared by all tasks, trained in task 0 only (V4).
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 3, init_gate: float = 0.1) -> None:
+        super().__init__()
+        self.channels = channels
+        self.kernel_size = kernel_size
+        self.conv = nn.Conv2d(channels, channels, kernel_size, groups=channels)  # padding done in forward
+        with torch.no_grad():
+            self.conv.weight.fill_(1.0 / (kernel_size * kernel_size))
+            self.conv.bias.zero_()
+        self.gate_logit = nn.Parameter(torch.tensor(math.log(init_gate / (1.0 - init_gate))))
+
+    @property
+    def gate(self) -> torch.Tensor:
+        return torch.sigmoid(self.gate_logit)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C) -> (B, H, W, C)
+        p = self.kernel_size // 2
+        xc = F.pad(x.permute(0, 3, 1, 2), (p, p, p, p), mode="replicate")  # (B, C, H+2p, W+2p)
+        mixed = self.conv(xc).permute(0, 2, 3, 1)  # (B, H, W, C)
+        return x + self.gate * (mixed - x)
+
+
+class DIACouplingBlock(nn.Module):
+    """Affine coupling with a Linear-ReLU-Linear-ReLU-Linear subnet whose last layer starts at zero.
+
+    `flip=False` transforms the second half conditioned on the first, `flip=True` the reverse.
+    One subnet produces both s and t (the notes use two nets of the same shape).
+    """
+
+    def __init__(self, channels: int, hidden: int, clamp: float, flip: bool) -> None:
+        super().__init__()
+        if channels < 2:
+            raise ValueError(f"a DIA coupling block needs at least 2 channels, got {channels}")
+        self.channels = channels
+        self.split = channels // 2
+        self.flip = flip
+        self.clamp = clamp
+        n_cond = channels - self.split if flip else self.split
+        self.n_trans = channels - n_cond
+        self.net = nn.Sequential(
+            nn.Linear(n_cond, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, 2 * self.n_trans),
+        )
+        nn.init.zeros_(self.net[4].weight)  # identity at start: s = t = 0
+        nn.init.zeros_(self.net[4].bias)
+
+    def _halves(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        first, second = x[..., : self.split], x[..., self.split :]
+        return (second, first) if self.flip else (first, second)  # (conditioning, transformed)
+
+    def _join(self, cond: torch.Tensor, trans: torch.Tensor) -> torch.Tensor:
+        return torch.cat([trans, cond] if self.flip else [cond, trans], dim=-1)
+
+    def _scale_shift(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.net(cond)
+        return soft_clamp(out[..., : self.n_trans], self.clamp), out[..., self.n_trans :]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cond, trans = self._halves(x)
+        s, t = self._scale_shift(cond)
+        return self._join(cond, trans * torch.exp(s) + t), s.sum(dim=-1)
+
+    def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cond, trans = self._halves(y)
+        s, t = self._scale_shift(cond)
+        return self._join(cond, (trans - t) * torch.exp(-s)), -s.sum(dim=-1)
+
+
+class DIA(nn.Module):
+    """Deep Invertible Adapter: `n_blocks` coupling blocks alternating halves, identity at start."""
+
+    def __init__(self, channels: int, n_blocks: int, hidden_ratio: float, clamp: float) -> None:
+        super().__init__()
+        hidden = max(1, int(channels * hidden_ratio))
+        self.blocks = nn.ModuleList(DIACouplingBlock(channels, hidden, clamp, flip=i % 2 == 1) for i in range(n_blocks))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, H, W, C) -> (z, log_det (B, H, W))."""
+        log_det = x.new_zeros(x.shape[:-1])
+        for block in self.blocks:
+            x, ld = block(x)
+            log_det = log_det + ld
+        return x, log_det
+
+    def inverse(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log_det = z.new_zeros(z.shape[:-1])
+        for block in reversed(self.blocks):
+            z, ld = block.inverse(z)
+            log_det = log_det + ld
+        return z, log_det

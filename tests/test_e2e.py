@@ -1,0 +1,142 @@
+"""End to end on tiny generated images: two tasks, one epoch, through the command line.
+
+Checks the continual protocol's promises: routing without a task id, zero forgetting when routing is
+right, a saved model that reloads to the same scores, add-task leaving old task files byte-identical,
+predict writing JSON lines and maps, and one-line errors for user mistakes.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from moleflow.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _write_class(root: Path, name: str, colour: tuple[int, int, int], seed: int, size: int = 64) -> None:
+    """MVTec layout; each class has its own colour and stripe texture, defects are white squares."""
+    rng = np.random.default_rng(seed)
+    yy = np.arange(size)[:, None, None]
+
+    def good() -> np.ndarray:
+        base = np.array(colour, np.float32)[None, None, :] * (0.75 + 0.25 * np.sin(yy / (2 + seed)))
+        return np.clip(base + rng.normal(0, 6, (size, size, 3)), 0, 255).astype(np.uint8)
+
+    for sub, n in (("train/good", 10), ("test/good", 4)):
+        (root / name / sub).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(good()).save(root / name / sub / f"{i:03d}.png")
+    (root / name / "test/hole").mkdir(parents=True)
+    (root / name / "ground_truth/hole").mkdir(parents=True)
+    for k in range(4):
+        img, mask = good(), np.zeros((size, size), np.uint8)
+        y0, x0 = 8 + 10 * k, 6 + 9 * k
+        img[y0 : y0 + 12, x0 : x0 + 12] = 255
+        mask[y0 : y0 + 12, x0 : x0 + 12] = 255
+        Image.fromarray(img).save(root / name / "test/hole" / f"{k:03d}.png")
+        Image.fromarray(mask).save(root / name / "ground_truth/hole" / f"{k:03d}_mask.png")
+
+
+@pytest.fixture(scope="module")
+def two_class_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    _write_class(root, "bottle", (200, 60, 40), seed=1)
+    _write_class(root, "grid", (40, 90, 210), seed=2)
+    _write_class(root, "screw", (60, 200, 60), seed=3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def fitted(two_class_root, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    code = main(["--quiet", "fit", str(CONFIGS / "smoke.yaml"), f"data.root={two_class_root}",
+                 "scenario.tasks=[[bottle],[grid]]", "--out", str(run)])
+    assert code == 0
+    return run
+
+
+def test_fit_writes_the_run_directory(fitted):
+    for name in ("config.yaml", "results.json", "results.md", "model/manifest.json",
+                 "model/shared.safetensors", "model/task_000.safetensors", "model/task_001.safetensors"):
+        assert (fitted / name).is_file(), name
+    r = json.loads((fitted / "results.json").read_text())
+    assert r["tasks"] == [["bottle"], ["grid"]]
+    assert [s["after_task"] for s in r["steps"]] == [0, 1]
+    last = r["steps"][-1]["per_task"]
+    for e in last:
+        for k in ("image_auroc", "pixel_auroc", "pixel_ap", "aupro", "routing_accuracy"):
+            assert 0.0 <= e[k] <= 1.0, k
+        assert set(e["oracle"]) >= {"image_auroc", "pixel_auroc", "pixel_ap", "aupro"}
+    assert set(r["final"]) >= {"image_auroc", "pixel_auroc", "pixel_ap", "aupro", "routing_accuracy", "forgetting"}
+    assert set(r["timings"]) >= {"features_s", "train_s_per_task", "eval_s"}
+    assert len(r["timings"]["train_s_per_task"]) == 2
+
+
+def test_routing_and_zero_forgetting(fitted):
+    r = json.loads((fitted / "results.json").read_text())
+    assert r["final"]["routing_accuracy"] == 1.0
+    before = r["steps"][0]["per_task"][0]
+    after = r["steps"][1]["per_task"][0]
+    for k in ("image_auroc", "pixel_auroc", "pixel_ap", "aupro"):
+        assert after[k] == before[k], k  # exactly: old tasks' parameters never change
+    assert r["final"]["forgetting"]["image_auroc"] == 0.0
+
+
+def test_saved_model_reloads_to_the_same_scores(fitted, two_class_root, tmp_path):
+    code = main(["--quiet", "evaluate", str(fitted / "model"), "--out", str(tmp_path)])
+    assert code == 0
+    again = json.loads((tmp_path / "results.json").read_text())["steps"][-1]["per_task"]
+    orig = json.loads((fitted / "results.json").read_text())["steps"][-1]["per_task"]
+    for a, b in zip(again, orig):
+        for k in ("image_auroc", "pixel_auroc", "pixel_ap", "aupro"):
+            assert a[k] == pytest.approx(b[k], abs=1e-9), k
+
+
+def test_add_task_keeps_old_task_files_and_metrics(fitted, two_class_root, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(fitted, run)
+    model = run / "model"
+    before = {p.name: p.read_bytes() for p in model.glob("*.safetensors")}
+    code = main(["--quiet", "add-task", str(model), "--dataset", "mvtec", "--root", str(two_class_root), "--classes", "screw"])
+    assert code == 0
+    for name, data in before.items():
+        assert (model / name).read_bytes() == data, name
+    assert (model / "task_002.safetensors").is_file()
+    r = json.loads((run / "results.json").read_text())
+    assert r["tasks"] == [["bottle"], ["grid"], ["screw"]]
+    old = r["steps"][1]["per_task"]
+    new = r["steps"][2]["per_task"]
+    assert new[2]["routing_accuracy"] == 1.0
+    for j in (0, 1):
+        for k in ("image_auroc", "pixel_ap"):
+            assert new[j][k] == old[j][k]
+
+
+def test_predict_writes_json_lines_and_maps(fitted, two_class_root, tmp_path):
+    imgs = sorted((two_class_root / "grid/test/hole").glob("*.png"))[:2] + sorted((two_class_root / "bottle/test/good").glob("*.png"))[:1]
+    code = main(["--quiet", "predict", str(fitted / "model"), *map(str, imgs), "--out", str(tmp_path)])
+    assert code == 0
+    lines = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert [x["task"] for x in lines] == [1, 1, 0]
+    for x in lines:
+        assert isinstance(x["anomalous"], bool) and np.isfinite(x["image_score"])
+        assert (tmp_path / x["map"]).is_file() and (tmp_path / x["overlay"]).is_file()
+
+
+def test_user_errors_are_one_line(tmp_path, capsys, two_class_root):
+    cases = [
+        ["evaluate", str(tmp_path)],  # not a model directory
+        ["fit", str(CONFIGS / "smoke.yaml"), "train.lrr=1"],  # unknown key
+        ["fit", str(CONFIGS / "smoke.yaml"), "scenario.tasks=[[nosuchclass]]", f"data.root={two_class_root}", "--out", str(tmp_path / "r")],
+        ["fit", str(CONFIGS / "smoke.yaml"), "scenario.tasks=[[bottle]]", "data.root=/nonexistent", "--out", str(tmp_path / "r2")],
+    ]
+    for argv in cases:
+        assert main(["--quiet", *argv]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("moleflow ") and "error:" in err and "\n" not in err and "Traceback" not in err, err
