@@ -140,3 +140,21 @@ def test_user_errors_are_one_line(tmp_path, capsys, two_class_root):
         assert main(["--quiet", *argv]) == 2, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith("moleflow ") and "error:" in err and "\n" not in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("method", ["finetune", "joint"])
+def test_baselines_use_the_same_protocol(method, two_class_root, tmp_path):
+    code = main(["--quiet", "fit", str(CONFIGS / "smoke.yaml"), f"data.root={two_class_root}", f"method={method}",
+                 "scenario.tasks=[[bottle],[grid]]", "--out", str(tmp_path)])
+    assert code == 0
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert r["method"] == method
+    assert [s["after_task"] for s in r["steps"]] == ([0, 1] if method == "finetune" else [1])
+    last = r["steps"][-1]["per_task"]
+    assert [e["task"] for e in last] == [0, 1]
+    assert all(e["routing_accuracy"] is None for e in last)  # one set of modules: nothing to route
+    assert r["final"]["routing_accuracy"] is None and r["final"]["image_auroc"] is not None
+    manifest = json.loads((tmp_path / "model/manifest.json").read_text())
+    assert len(manifest["tasks"]) == 1 and manifest["tasks"][0]["classes"] == ["bottle", "grid"]
+    # add-task is a continual operation: a baseline model refuses it with a one-line error
+    assert main(["--quiet", "add-task", str(tmp_path / "model"), "--dataset", "mvtec", "--root", str(two_class_root), "--classes", "screw"]) == 2

@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 train.epochs=5")
     f.add_argument("--out", type=Path, help="run directory (default runs/<config>-<time>)")
     f.add_argument("--plots", action=argparse.BooleanOptionalAction, default=None, help="write PNG plots and report.html (default on)")
+    f.add_argument("--resume", action="store_true", help="continue an interrupted run in --out from its last completed task")
+    f.add_argument("--skip-bad", action="store_true", help="leave out unreadable images (listed in results.json) instead of stopping")
 
     a = sub.add_parser("add-task", help=COMMANDS["add-task"])
     a.add_argument("model_dir", type=Path)
@@ -69,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("grid", help=COMMANDS["grid"])
     g.add_argument("config")
+    g.add_argument("overrides", nargs="*", help="dotted overrides applied to every run, e.g. data.root=...")
     g.add_argument("--vary", action="append", default=[], help="key=v1,v2 (repeatable)")
     g.add_argument("--seeds", default="", help="comma-separated seeds, e.g. 0,1,2")
     g.add_argument("--out", type=Path, default=Path("runs/grid"))
@@ -97,7 +100,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Overrides may also come after options (`fit cfg.yaml --out r train.lr=1e-4`).
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         _parser().print_help()
         return 0
@@ -115,16 +125,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from moleflow import pipeline
-    from moleflow.config import load_config
+    from moleflow.config import ConfigError, load_config
 
     progress = not args.quiet
     if args.command == "fit":
         cfg = load_config(args.config, args.overrides)
         if args.plots is not None:
             cfg.output.plots = args.plots
+        if args.skip_bad:
+            cfg.data.skip_bad = True
+        if args.resume and not args.out:
+            raise ConfigError("--resume needs --out: the run directory to continue")
         out = args.out or _default_run_dir(Path(args.config).stem)
         t0 = time.perf_counter()
-        results = pipeline.run_fit(cfg, out, progress=progress)
+        results = pipeline.run_fit(cfg, out, progress=progress, resume=args.resume)
         _print_summary(results, out, time.perf_counter() - t0)
         return 0
     if args.command == "add-task":
@@ -154,6 +168,16 @@ def _run(args: argparse.Namespace) -> int:
         from moleflow.demo import run_demo
 
         return run_demo(args.out or _default_run_dir("demo"), args.add, args.overrides, progress=progress)
+    if args.command == "grid":
+        from moleflow.grid import parse_seeds, run_grid
+
+        run_grid(Path(args.config), args.vary, parse_seeds(args.seeds), args.out, progress=progress, overrides=args.overrides)
+        return 0
+    if args.command == "report":
+        from moleflow.compare import compare_runs
+
+        print(compare_runs(args.run_dirs, [k.strip() for k in args.group_by.split(",") if k.strip()], args.baseline or None))
+        return 0
     print(f"moleflow {args.command}: not available in this version yet", file=sys.stderr)
     return 2
 

@@ -37,6 +37,7 @@ class System:
     model: MoLEFlow
     router: TaskRouter
     tasks: list[TaskRecord] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason) left out by data.skip_bad
 
     def record(self, t: int) -> TaskRecord:
         return self.tasks[t]
@@ -55,6 +56,7 @@ def task_features(system: System, specs: list[str], split: str, progress: bool) 
     sets = []
     for spec in specs:
         ds = build_dataset(system.cfg.data, spec, split)
+        system.skipped += [(str(p), r) for p, r in ds.skipped if (str(p), r) not in system.skipped]
         fs = extract_features(
             system.extractor,
             ds,
@@ -76,31 +78,44 @@ def calibrate_threshold(system: System, task: int, train: FeatureSet) -> tuple[f
     return threshold, float(np.quantile(s.patch.numpy(), 0.01))
 
 
-def learn_task(system: System, specs: list[str], train: FeatureSet, progress: bool) -> tuple[int, dict]:
-    """Add one task to the model and router, train it, calibrate its threshold."""
-    t = len(system.tasks)
-    seed_everything(system.cfg.train.seed + t)
-    system.model.add_task(t)
-    system.router.add_task(t, train.descriptors)
+def learn_task(system: System, specs: list[str], train: FeatureSet, progress: bool, retrain: int | None = None) -> tuple[int, dict]:
+    """Add one task to the model and router, train it, calibrate its threshold.
+
+    `retrain=t` trains the existing model task t again instead (the `finetune` baseline, whose single
+    set of modules, shared weights included, learns every scenario task in turn).
+    """
+    t = len(system.tasks) if retrain is None else retrain
+    seed_everything(system.cfg.train.seed + (len(system.tasks) if retrain is None else 1000 + len(specs)))
+    if retrain is None:
+        system.model.add_task(t)
+        system.router.add_task(t, train.descriptors)
     try:
         log = fit_task(system.model, t, train, system.cfg.train, system.cfg.loss, system.device, progress=progress)
     except BaseException:
-        system.model.remove_task(t)
-        system.router.prototypes.pop(t, None)
+        if retrain is None:
+            system.model.remove_task(t)
+            system.router.prototypes.pop(t, None)
         raise
     threshold, map_low = calibrate_threshold(system, t, train)
-    system.tasks.append(TaskRecord(t, [display_name(s) for s in specs], threshold, list(specs), map_low))
+    record = TaskRecord(t, [display_name(s) for s in specs], threshold, list(specs), map_low)
+    if retrain is None:
+        system.tasks.append(record)
+    else:
+        system.tasks[t] = record
     return t, {"epoch_loss": log.epoch_loss, "seconds": log.seconds, "steps": log.steps, "n_train": len(train)}
 
 
-def evaluate_seen(system: System, test_sets: dict[int, FeatureSet | None]) -> tuple[list[dict], dict[int, Scores]]:
+def evaluate_seen(
+    system: System, test_sets: dict[int, FeatureSet | None], names: dict[int, list[str]], single_model_task: int | None = None
+) -> tuple[list[dict], dict[int, Scores]]:
+    """Evaluate every scenario task in `test_sets` (routing on, and oracle); `names` are their classes."""
     per_task, scores = [], {}
     for t, fs in sorted(test_sets.items()):
         if fs is None:
-            per_task.append({"task": t, "classes": system.tasks[t].classes, "skipped": "test data not available"})
+            per_task.append({"task": t, "classes": names[t], "skipped": "test data not available"})
             continue
-        res, sc = evaluate_task(system.model, system.router, fs, t, system.cfg, system.device)
-        res["classes"] = system.tasks[t].classes
+        res, sc = evaluate_task(system.model, system.router, fs, t, system.cfg, system.device, single_model_task)
+        res["classes"] = names[t]
         per_task.append(res)
         scores[t] = sc
     return per_task, scores
@@ -158,15 +173,18 @@ def load_system(model_dir: Path, cfg_overrides: Config | None = None) -> System:
     return system
 
 
-def write_results(run_dir: Path, results: dict, cfg: Config) -> None:
+def write_results(run_dir: Path, results: dict, cfg: Config, skipped: list[tuple[str, str]] | None = None) -> None:
     from moleflow.report import results_markdown
+
+    if skipped:
+        results["skipped_files"] = [{"path": p, "reason": r} for p, r in skipped]
 
     checkpoint.atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2))
     checkpoint.atomic_write_text(run_dir / "results.md", results_markdown(results))
     save_config(cfg, run_dir / "config.yaml")
 
 
-def _plot(run_dir: Path, system: System, results: dict, test_sets: dict, scores: dict, progress: bool) -> None:
+def _plot(run_dir: Path, system: System, results: dict, test_sets: dict, scores: dict, names: dict[int, list[str]], progress: bool) -> None:
     """PNG figures and report.html of the run (config `output.plots`)."""
     if not system.cfg.output.plots:
         return
@@ -178,10 +196,10 @@ def _plot(run_dir: Path, system: System, results: dict, test_sets: dict, scores:
         fs = test_sets[t]
         views.append(TaskView(
             task=t,
-            name="+".join(system.tasks[t].classes),
+            name="+".join(names[t]),
             labels=fs.labels.numpy(),
             scores=sc.image.numpy(),
-            threshold=system.tasks[t].threshold,
+            threshold=system.tasks[min(t, len(system.tasks) - 1)].threshold,  # baselines have one model task
             paths=list(fs.paths),
             maps=sc.maps.numpy(),
             masks=None if fs.masks is None else fs.masks[:, 0].numpy().astype(bool),
@@ -191,41 +209,100 @@ def _plot(run_dir: Path, system: System, results: dict, test_sets: dict, scores:
     write_report_html(run_dir, results)
 
 
-def run_fit(cfg: Config, run_dir: Path, progress: bool = True, echo=print) -> dict:
-    """Train the configured scenario task by task, evaluating every seen task after each one."""
+def _resume_state(cfg: Config, run_dir: Path) -> tuple[System, dict] | None:
+    """The saved system and results of an interrupted `fit`, or None when nothing was completed."""
+    model_dir = run_dir / "model"
+    if not (model_dir / checkpoint.MANIFEST).is_file():
+        return None
+    if cfg.method != "moleflow":
+        raise ConfigError(f"--resume continues method: moleflow runs; {run_dir} is a '{cfg.method}' run, start it again")
+    saved = checkpoint.read_manifest(model_dir)["config"]
+    mine = config_to_dict(cfg)
+    diff = [k for k in mine if k != "output" and mine[k] != saved.get(k)]
+    if diff:
+        raise ConfigError(f"--resume: {run_dir} was started with another config (sections {', '.join(diff)} differ); resume with the same config or use a new --out")
+    system = load_system(model_dir)
+    results_path = run_dir / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {"steps": []}
+    return system, results
+
+
+def run_fit(cfg: Config, run_dir: Path, progress: bool = True, echo=print, resume: bool = False) -> dict:
+    """Train the configured scenario task by task, evaluating every seen task after each one.
+
+    `method: moleflow` adds per-task modules for each task (old tasks never change); `finetune` trains
+    one set of modules, shared weights included, on each task in turn (it forgets); `joint` trains one
+    set on all tasks' images at once (the non-continual upper bound). Baselines have no router.
+    The model is saved after every task, so `resume=True` continues an interrupted run from the last
+    completed task; every task is seeded on its own, so the results equal an uninterrupted run's.
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
     tasks = resolve_tasks(cfg)
-    system = build_system(cfg)
-    results = {"tasks": [[display_name(s) for s in t] for t in tasks], "task_specs": tasks, "steps": [],
+    names = {t: [display_name(s) for s in specs] for t, specs in enumerate(tasks)}
+    results = {"method": cfg.method, "tasks": list(names.values()), "task_specs": tasks, "steps": [],
                "timings": {"features_s": 0.0, "train_s_per_task": [], "eval_s": 0.0}}
+    state = _resume_state(cfg, run_dir) if resume else None
+    if state is None:
+        save_config(cfg, run_dir / "config.yaml")
+        seed_everything(cfg.train.seed)  # the shared flow's initialisation
+        system = build_system(cfg)
+        done = 0
+    else:
+        system, saved = state
+        done = len(system.tasks)
+        if [r.specs for r in system.tasks] != tasks[:done]:
+            raise ConfigError(f"--resume: the tasks saved in {run_dir / 'model'} are not the start of this scenario")
+        results["steps"] = [s for s in saved["steps"] if s["after_task"] < done]
+        results["timings"] = saved.get("timings", results["timings"])
+        results["timings"]["train_s_per_task"] = results["timings"]["train_s_per_task"][:done]
+        echo(f"resuming {run_dir}: {done} of {len(tasks)} tasks completed")
+    single = None if cfg.method == "moleflow" else 0
     test_sets: dict[int, FeatureSet | None] = {}
+    trains: list[FeatureSet] = []
     scores: dict = {}
     for t, specs in enumerate(tasks):
         t0 = time.perf_counter()
-        train = task_features(system, specs, "train", progress)
+        if t < done:  # completed before the interruption: only its test set is needed again
+            test_sets[t] = task_features(system, specs, "test", progress)
+            results["timings"]["features_s"] += time.perf_counter() - t0
+            if t == done - 1 and len(results["steps"]) < done:  # killed after saving, before evaluating
+                per_task, scores = evaluate_seen(system, test_sets, names, single)
+                results["steps"].append({"after_task": t, "per_task": per_task, "train": {}})
+                results["final"] = summarize(results["steps"])
+                write_results(run_dir, results, cfg, system.skipped)
+            continue
+        trains.append(task_features(system, specs, "train", progress))
         test_sets[t] = task_features(system, specs, "test", progress)
         results["timings"]["features_s"] += time.perf_counter() - t0
-        _, log = learn_task(system, specs, train, progress)
+        if cfg.method == "joint" and t < len(tasks) - 1:
+            continue  # joint learns once, from every task's images
+        if cfg.method == "moleflow":
+            _, log = learn_task(system, specs, trains[-1], progress)
+        elif cfg.method == "finetune":
+            _, log = learn_task(system, sum(tasks[: t + 1], []), trains[-1], progress, retrain=0 if t else None)
+        else:
+            _, log = learn_task(system, sum(tasks, []), FeatureSet.concat(trains), progress)
         results["timings"]["train_s_per_task"].append(log["seconds"])
         t0 = time.perf_counter()
-        per_task, scores = evaluate_seen(system, test_sets)
+        per_task, scores = evaluate_seen(system, test_sets, names, single)
         results["timings"]["eval_s"] += time.perf_counter() - t0
         results["steps"].append({"after_task": t, "per_task": per_task, "train": log})
         results["final"] = summarize(results["steps"])
         if cfg.output.save_model:
-            save_system(system, run_dir / "model", new_tasks=[t])
-        write_results(run_dir, results, cfg)
+            save_system(system, run_dir / "model", new_tasks=[len(system.tasks) - 1])
+        write_results(run_dir, results, cfg, system.skipped)
         echo(step_line(results["steps"][-1]))
-    _plot(run_dir, system, results, test_sets, scores, progress)
+    if not scores:  # a resumed run that had already finished: score once more for the figures
+        _, scores = evaluate_seen(system, test_sets, names, single)
+    _plot(run_dir, system, results, test_sets, scores, names, progress)
     return results
 
 
 def step_line(step: dict) -> str:
     parts = [f"{'+'.join(e['classes'])}: {e['image_auroc']:.4f}" if e.get("image_auroc") is not None else f"{'+'.join(e['classes'])}: -"
              for e in step["per_task"]]
-    routing = [e["routing_accuracy"] for e in step["per_task"] if "routing_accuracy" in e]
+    routing = [e["routing_accuracy"] for e in step["per_task"] if e.get("routing_accuracy") is not None]
     return f"after task {step['after_task']}: image AUROC " + ", ".join(parts) + (f" | routing {np.mean(routing):.3f}" if routing else "")
 
 
@@ -234,6 +311,8 @@ def run_add_task(model_dir: Path, specs: list[str], roots: dict[str, str], run_d
     model_dir = Path(model_dir)
     system = load_system(model_dir)
     cfg = copy.deepcopy(system.cfg)
+    if cfg.method != "moleflow":
+        raise ConfigError(f"{model_dir} is a '{cfg.method}' baseline; add-task needs a model trained with method: moleflow")
     cfg.data.roots.update(roots)
     system.cfg = cfg
     known = {c for r in system.tasks for c in r.specs}
@@ -261,16 +340,17 @@ def run_add_task(model_dir: Path, specs: list[str], roots: dict[str, str], run_d
             test_sets[rec.index] = None
     test_sets[t] = new_test
     t0 = time.perf_counter()
-    per_task, scores = evaluate_seen(system, test_sets)
+    names = {r.index: r.classes for r in system.tasks}
+    per_task, scores = evaluate_seen(system, test_sets, names)
     results["timings"]["eval_s"] += time.perf_counter() - t0
     results["tasks"].append([display_name(s) for s in specs])
     results.setdefault("task_specs", []).append(list(specs))
     results["steps"].append({"after_task": t, "per_task": per_task, "train": log})
     results["final"] = summarize([s for s in results["steps"]])
     save_system(system, model_dir, new_tasks=[t])
-    write_results(run_dir, results, cfg)
+    write_results(run_dir, results, cfg, system.skipped)
     echo(step_line(results["steps"][-1]))
-    _plot(run_dir, system, results, test_sets, scores, progress)
+    _plot(run_dir, system, results, test_sets, scores, names, progress)
     return results
 
 
@@ -280,12 +360,14 @@ def run_evaluate(model_dir: Path, cfg: Config | None, run_dir: Path, progress: b
     if cfg is not None:
         system.cfg.data = cfg.data  # where the test data lies; the model's own settings stay
     test_sets = {r.index: task_features(system, list(r.specs), "test", progress) for r in system.tasks}
-    per_task, scores = evaluate_seen(system, test_sets)
+    names = {r.index: r.classes for r in system.tasks}
+    single = None if system.cfg.method == "moleflow" else 0
+    per_task, scores = evaluate_seen(system, test_sets, names, single)
     results = {"tasks": [r.classes for r in system.tasks], "steps": [{"after_task": len(system.tasks) - 1, "per_task": per_task}]}
     results["final"] = summarize(results["steps"])
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_results(run_dir, results, system.cfg)
     echo(step_line(results["steps"][-1]))
-    _plot(run_dir, system, results, test_sets, scores, progress)
+    _plot(run_dir, system, results, test_sets, scores, names, progress)
     return results
