@@ -102,7 +102,10 @@ def learn_task(system: System, specs: list[str], train: FeatureSet, progress: bo
         system.tasks.append(record)
     else:
         system.tasks[t] = record
-    return t, {"epoch_loss": log.epoch_loss, "seconds": log.seconds, "steps": log.steps, "n_train": len(train)}
+    info = {"epoch_loss": log.epoch_loss, "seconds": log.seconds, "steps": log.steps, "n_train": len(train)}
+    if log.grad_norms:
+        info["grad_norms"] = log.grad_norms  # per epoch, per coupling block (train.record_grad_norms)
+    return t, info
 
 
 def evaluate_seen(

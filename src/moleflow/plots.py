@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image
 from sklearn.metrics import roc_auc_score, roc_curve
 
@@ -179,7 +180,7 @@ def _heatmap(results: dict, metric: str, path: Path) -> Path:
     names = _task_names(results)
     n_rows, n_cols = grid.shape
     label = lambda t: f"{t}: {names[t]}" if t < len(names) else str(t)  # noqa: E731
-    fig = Figure(figsize=(max(4.5, 0.75 * n_cols + 2.8), max(3.0, 0.45 * n_rows + 1.8)), layout="constrained")
+    fig = Figure(figsize=(max(5.0, 0.75 * n_cols + 2.8), max(3.0, 0.45 * n_rows + 1.8)), layout="constrained")
     ax = fig.add_subplot()
     # AUROC below 0.5 is worse than chance, so its scale starts there; AP uses the full [0, 1].
     vmin = 0.5 if metric.endswith("auroc") or metric == "aupro" else 0.0
@@ -199,7 +200,7 @@ def _heatmap(results: dict, metric: str, path: Path) -> Path:
     ax.set_xlabel("evaluated task")
     ax.set_ylabel("training step")
     title = METRIC_TITLES.get(metric, metric)
-    ax.set_title(f"{title} per task after each step (routing on)")
+    ax.set_title(f"{title} per task after each step\n(routing on)")
     fig.colorbar(im, ax=ax, label=title, shrink=0.9)
     return _save(fig, path)
 
@@ -216,6 +217,7 @@ def _loss_curves(results: dict, path: Path) -> Path | None:
         label = f"task {t}: {names[t]}" if t < len(names) else f"task {t}"
         ax.plot(range(1, len(loss) + 1), loss, marker="o", markersize=3, label=label)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("mean training loss")
     ax.set_title("Training loss per epoch")
     ax.grid(alpha=0.3)
@@ -289,6 +291,7 @@ def _histogram(view: TaskView, path: Path) -> Path:
         ax.axvline(view.threshold, color="black", ls="--", lw=1.5, label=f"threshold {view.threshold:.4g}")
     ax.set_xlabel("image score (higher = more anomalous)")
     ax.set_ylabel("number of test images")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f"Task {view.task} ({view.name}): image scores, good vs defective")
     ax.legend(fontsize=9)
     ax.grid(alpha=0.3, axis="y")
@@ -349,7 +352,7 @@ def _panels(view: TaskView, image_size: int, k: int, path: Path) -> Path:
     fig = Figure(figsize=(2.3 * len(cols) + 0.4, 2.55 * n + 1.3), layout="constrained")
     fig.suptitle(f"Task {view.task} ({view.name}): most and least anomalous test images\n"
                  f"map colour scale {vmin:.4g} … {vmax:.4g} (1st–99.5th percentile of this task's maps)", fontsize=11)
-    subs = fig.subfigures(n + 1, 1, height_ratios=[1.0] * n + [0.22])
+    subs = fig.subfigures(n + 1, 1, height_ratios=[1.0] * n + [0.3])
     mappable = None
     for r, (heading, i) in enumerate(rows):
         sf = subs[r]
@@ -376,7 +379,7 @@ def _panels(view: TaskView, image_size: int, k: int, path: Path) -> Path:
             ax.set_xticks([])
             ax.set_yticks([])
     if mappable is not None:
-        cax = subs[n].add_axes((0.15, 0.55, 0.7, 0.25))
+        cax = subs[n].add_axes((0.15, 0.62, 0.7, 0.16))  # room below for the label
         subs[n].colorbar(mappable, cax=cax, orientation="horizontal", label="anomaly score (patch NLL)")
     else:
         subs[0].text(0.5, 0.5, "no test images", ha="center", va="center")

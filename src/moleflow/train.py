@@ -29,7 +29,7 @@ class TrainLog:
     epoch_loss: list[float] = field(default_factory=list)
     seconds: float = 0.0
     steps: int = 0
-    grad_norms: list[dict[str, float]] = field(default_factory=list)  # per step, when recorded
+    grad_norms: list[dict[str, float]] = field(default_factory=list)  # per epoch (mean over its steps), when recorded
 
 
 def seed_everything(seed: int) -> None:
@@ -96,6 +96,7 @@ def fit_task(
             for epoch in bar:
                 order = torch.randperm(n, generator=gen)
                 running, count = 0.0, 0
+                epoch_norms: list[dict[str, float]] = []
                 for start in range(0, n, bs):
                     idx = order[start : start + bs]
                     x = features.patches[idx].to(device=device, dtype=torch.float32)  # (B, H, W, C)
@@ -109,7 +110,7 @@ def fit_task(
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     if train_cfg.record_grad_norms:
-                        log.grad_norms.append(block_grad_norms(model))
+                        epoch_norms.append(block_grad_norms(model))
                     if train_cfg.grad_clip > 0:
                         torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip)
                     opt.step()
@@ -118,6 +119,8 @@ def fit_task(
                     running += float(loss.detach()) * len(idx)
                     count += len(idx)
                 log.epoch_loss.append(running / count)
+                if epoch_norms:
+                    log.grad_norms.append({k: sum(d[k] for d in epoch_norms) / len(epoch_norms) for k in epoch_norms[0]})
                 bar.set_postfix(loss=f"{log.epoch_loss[-1]:.4f}")
     except BaseException:
         # Leave no half-trained model behind: every tensor goes back to its value before this task.
