@@ -4,6 +4,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# Before torch is imported anywhere: OpenMP threads that spin-wait slow torch down badly whenever
+# another process shares the cores (a parallel test run, a second job on a CI machine).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 import pytest
 from PIL import Image

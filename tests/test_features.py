@@ -219,6 +219,16 @@ def test_non_finite_features_name_the_file(tmp_path: Path, value: float) -> None
         extract_features(ConstantExtractor(value), dataset, progress=False)
 
 
+def test_image_size_mismatch_is_a_clear_error(tmp_path: Path, extractor: FeatureExtractor) -> None:
+    class Bigger(FileDataset):
+        def __getitem__(self, i: int) -> dict:
+            item = super().__getitem__(i)
+            return {**item, "image": torch.nn.functional.interpolate(item["image"][None], size=64)[0]}
+
+    with pytest.raises(FeatureError, match="image size"):
+        extract_features(extractor, Bigger(write_images(tmp_path / "img", 1)), progress=False)
+
+
 def test_empty_dataset_is_an_error() -> None:
     with pytest.raises(ValueError, match="empty"):
         extract_features(ConstantExtractor(1.0), FileDataset([]), progress=False)

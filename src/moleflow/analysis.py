@@ -21,6 +21,7 @@ so it is CPU-cheap. The output folder gets `analysis.md`, `analysis.json` (the n
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from scipy import ndimage, stats
 from sklearn.metrics import roc_auc_score
 
@@ -51,6 +53,7 @@ from moleflow.scoring import anomaly_map, patch_scores
 
 DPI = 110
 RUN_COLORS = ("tab:blue", "tab:orange")
+RUN_STYLES = ("-", "--")  # the two runs often overlap: a dashed line over a solid one keeps both visible
 # Patch subsample sizes of the statistics (keeps scipy and the cosine matrices cheap).
 MAX_STAT_PATCHES = 4000
 MAX_QQ_VALUES = 100_000
@@ -238,7 +241,7 @@ class Run:
         return []
 
 
-def load_run(path: Path, label: str, task: int) -> Run:
+def open_run(path: Path, label: str, task: int) -> Run:
     path = Path(path)
     for name in ("config.yaml", "results.json", "model"):
         if not (path / name).exists():
@@ -481,16 +484,14 @@ def loss_concentration(run: Run, train: FeatureSet, out_train: FlowOutputs | Non
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    import io
-
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})  # layout is constrained: one draw, no tight-bbox pass
     atomic_write_bytes(path, buf.getvalue())
     return path
 
 
 def _plot_spatial(res: list[dict], labels: list[str], path: Path) -> Path:
-    fig = Figure(figsize=(13, 4))
+    fig = Figure(figsize=(13, 4), layout="constrained")
     vmax = max(float(r["_tail_freq"].max()) for r in res) or 1.0
     for i, (r, lab) in enumerate(zip(res, labels)):
         ax = fig.add_subplot(1, 3, i + 1)
@@ -502,8 +503,8 @@ def _plot_spatial(res: list[dict], labels: list[str], path: Path) -> Path:
     all_d = border_distance(h, w).reshape(-1)
     bins = np.arange(all_d.max() + 2) - 0.5
     ax.hist(all_d, bins=bins, density=True, histtype="step", color="k", label="all patches")
-    for r, lab, c in zip(res, labels, RUN_COLORS):
-        ax.hist(r["_tail_dist"], bins=bins, density=True, histtype="step", color=c, label=f"tail, {lab}")
+    for r, lab, c, ls in zip(res, labels, RUN_COLORS, RUN_STYLES):
+        ax.hist(r["_tail_dist"], bins=bins, density=True, histtype="step", color=c, ls=ls, lw=1.5, label=f"tail, {lab}")
     ax.set_xlabel("distance to the border (patches)")
     ax.set_ylabel("density")
     ax.legend(fontsize=8)
@@ -511,7 +512,7 @@ def _plot_spatial(res: list[dict], labels: list[str], path: Path) -> Path:
 
 
 def _plot_similarity(res: list[dict], labels: list[str], path: Path) -> Path:
-    fig = Figure(figsize=(10, 3.6))
+    fig = Figure(figsize=(10, 3.6), layout="constrained")
     for i, (r, lab) in enumerate(zip(res, labels)):
         ax = fig.add_subplot(1, 2, i + 1)
         bins = np.linspace(min(r["_nearest_good"].min(), r["_nearest_defect"].min()), 1.0, 50)
@@ -523,7 +524,7 @@ def _plot_similarity(res: list[dict], labels: list[str], path: Path) -> Path:
 
 
 def _plot_grad_norms(series: tuple[list[dict], list[dict]], labels: list[str], path: Path) -> Path:
-    fig = Figure(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
     cmap = matplotlib.colormaps["viridis"]
     blocks = list(series[0][0])
@@ -532,8 +533,9 @@ def _plot_grad_norms(series: tuple[list[dict], list[dict]], labels: list[str], p
         for ser, style, lab in zip(series, ("-", "--"), labels):
             ax.plot(np.arange(1, len(ser) + 1), [e[k] for e in ser], style, marker="o", ms=3, color=col,
                     label=f"{k} {lab}" if j in (0, len(blocks) - 1) else None)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
-    ax.set_ylabel("mean gradient norm")
+    ax.set_ylabel("mean gradient norm (colour: block index)")
     ax.set_yscale("log")
     ax.set_title("coupling-block gradient norms (solid: " + labels[0] + ", dashed: " + labels[1] + ")", fontsize=9)
     ax.legend(fontsize=7)
@@ -541,12 +543,12 @@ def _plot_grad_norms(series: tuple[list[dict], list[dict]], labels: list[str], p
 
 
 def _plot_latent(zs: list[np.ndarray], labels: list[str], path: Path, rng: np.random.Generator) -> Path:
-    fig = Figure(figsize=(11, 4))
+    fig = Figure(figsize=(11, 4), layout="constrained")
     ax = fig.add_subplot(1, 2, 1)
     probs = np.linspace(0.0005, 0.9995, 400)
     theo = stats.norm.ppf(probs)
-    for z, lab, c in zip(zs, labels, RUN_COLORS):
-        ax.plot(theo, np.quantile(z.reshape(-1), probs), ".", ms=3, color=c, label=lab)
+    for z, lab, c, m in zip(zs, labels, RUN_COLORS, ("o", "x")):
+        ax.plot(theo, np.quantile(z.reshape(-1), probs), m, ms=3, mfc="none", color=c, label=lab)
     ax.plot(theo, theo, "k--", lw=1, label="N(0,1)")
     ax.set_xlabel("normal quantile")
     ax.set_ylabel("empirical quantile of z")
@@ -556,8 +558,9 @@ def _plot_latent(zs: list[np.ndarray], labels: list[str], path: Path, rng: np.ra
     lo = min(np.quantile(z, 0.0005) for z in zs)
     hi = max(np.quantile(z, 0.9995) for z in zs)
     bins = np.linspace(min(lo, -4), max(hi, 4), 80)
-    for z, lab, c in zip(zs, labels, RUN_COLORS):
-        ax.hist(_subsample_rows(z.reshape(-1), MAX_QQ_VALUES, rng), bins=bins, density=True, histtype="step", color=c, label=lab)
+    for z, lab, c, ls in zip(zs, labels, RUN_COLORS, RUN_STYLES):
+        ax.hist(_subsample_rows(z.reshape(-1), MAX_QQ_VALUES, rng), bins=bins, density=True, histtype="step", color=c, ls=ls,
+                label=lab)
     ax.plot(bins, stats.norm.pdf(bins), "k--", lw=1, label="N(0,1)")
     ax.set_yscale("log")
     ax.set_title("density of z components (log scale)", fontsize=9)
@@ -566,7 +569,7 @@ def _plot_latent(zs: list[np.ndarray], labels: list[str], path: Path, rng: np.ra
 
 
 def _plot_separation(res: list[dict], labels: list[str], path: Path) -> Path:
-    fig = Figure(figsize=(10, 3.6))
+    fig = Figure(figsize=(10, 3.6), layout="constrained")
     for i, (r, lab) in enumerate(zip(res, labels)):
         ax = fig.add_subplot(1, 2, i + 1)
         bins = np.linspace(min(r["_good"].min(), r["_defect"].min()), max(r["_good"].max(), r["_defect"].max()), 80)
@@ -579,7 +582,7 @@ def _plot_separation(res: list[dict], labels: list[str], path: Path) -> Path:
 
 
 def _plot_logdets(res: list[dict], labels: list[str], path: Path) -> Path:
-    fig = Figure(figsize=(8, 4))
+    fig = Figure(figsize=(8, 4), layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
     names = [r["part"] for r in res[0]["rows"] if r["part"] != "total"]
     x = np.arange(len(names))
@@ -596,7 +599,7 @@ def _plot_logdets(res: list[dict], labels: list[str], path: Path) -> Path:
 
 
 def _plot_concentration(main: list[dict], labels: list[str], sweep: list[dict], path: Path) -> Path:
-    fig = Figure(figsize=(11 if sweep else 5.5, 4))
+    fig = Figure(figsize=(11 if sweep else 5.5, 4), layout="constrained")
     ax = fig.add_subplot(1, 2 if sweep else 1, 1)
     for r, lab, c in zip(main, labels, RUN_COLORS):
         w = np.sort(r["_weights"])
@@ -692,7 +695,7 @@ def analyze_tail(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    runs = [load_run(run_mean_only, "mean-only", task), load_run(run_tail_aware, "tail-aware", task)]
+    runs = [open_run(run_mean_only, "mean-only", task), open_run(run_tail_aware, "tail-aware", task)]
     labels = [r.label for r in runs]
     store = FeatureStore(max_images, progress)
 
@@ -723,12 +726,12 @@ def analyze_tail(
     if sweep:
         found, skipped = collect_runs([Path(p) for p in sweep])
         sweep_skipped = [f"{s.path}: {s.reason}" for s in skipped]
+        main_runs = {r.path.resolve(): r for r in runs}
         for item in found:
-            r = load_run(item.path, item.name, task)
+            r = main_runs.get(item.path.resolve()) or open_run(item.path, item.name, task)
             row = loss_concentration(r, store.get(r, "train"))
             row["run"] = item.name
             sweep_rows.append(row)
-            del r  # free the model before the next one
 
     pngs: dict[str, str] = {}
     pngs["1"] = _plot_spatial([p["spatial"] for p in per_run], labels, out / "tail_spatial.png").name
@@ -785,8 +788,9 @@ def _markdown(runs: list[Run], per_run: list[dict], grads: dict, sweep_rows: lis
     # 1
     L += ["## 1. Where tail patches lie", ""]
     sa, sb = a["spatial"], b["spatial"]
-    L.append(f"Top ρ = {sa['tail_ratio']} of the training patches by NLL (tail_scope {sa['tail_scope']}: over all analysed "
-             f"images, or per image), grid {sa['grid'][0]}×{sa['grid'][1]}. Border distance in patches (0 = outermost ring); "
+    scope = "over all analysed images" if sa["tail_scope"] == "batch" else "within each image"
+    L.append(f"Top ρ = {sa['tail_ratio']} of the training patches by NLL ({scope}, as loss.tail_scope = {sa['tail_scope']}), "
+             f"{sa['n_images']} images, grid {sa['grid'][0]}×{sa['grid'][1]}. Border distance in patches (0 = outermost ring); "
              "KS: two-sample test of the tail's border distances against all patches' (= uniform positions). "
              "Spearman: patch NLL vs mean Sobel gradient magnitude of the grey image in the patch cell.")
     L.append("")
@@ -825,9 +829,11 @@ def _markdown(runs: list[Run], per_run: list[dict], grads: dict, sweep_rows: lis
             for how in ("proto", "nearest"):
                 for lab, r in zip(labels, (ra, rb)):
                     d, g = r[f"{kind}_{how}_defect"], r[f"{kind}_{how}_good"]
-                    rows.append([f"{kind}, {how}", lab, d, g, d - g, d / g if g else None])
+                    # a ratio of cosines only reads as "how much more similar" when both are positive
+                    rows.append([f"{kind}, {how}", lab, d, g, d - g, d / g if d > 0 and g > 0 else None])
         L += [_table(["cosine", "run", "to test defect", "to test good", "difference", "ratio"], rows), ""]
-        L.append("A ratio > 1 (difference > 0) means the train tail resembles test defects more than test goods (H2).")
+        L.append("A difference > 0 (ratio > 1) means the train tail resembles test defects more than test goods (H2); "
+                 "the ratio is left out when a cosine is not positive.")
         L.append("")
         img("2")
 

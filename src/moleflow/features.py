@@ -177,7 +177,9 @@ def extract_features(
                 i = start + j
                 path = str(item["path"])
                 labels[i] = int(item["label"])
-                masks.append(item["mask"])
+                mask = item["mask"]
+                # Masks arrive as {0,1} floats (or 0/255 integers): anything above one half is a defect pixel.
+                masks.append(mask if mask is None or mask.dtype == torch.bool else mask > 0.5)
                 paths.append(path)
                 class_names.append(str(item["class_name"]))
                 key = None
@@ -196,6 +198,12 @@ def extract_features(
                 images = torch.stack([items[j]["image"] for j in todo])  # (b, 3, S, S)
                 p, g = extractor(images)  # (b, H, W, C), (b, D)
                 p, g = p.detach().float().cpu(), g.detach().float().cpu()
+                if tuple(p.shape[1:]) != (h, w, c) or tuple(g.shape[1:]) != (d,):
+                    raise FeatureError(
+                        f"the backbone gave features {tuple(p.shape[1:])} for images {tuple(images.shape[1:])} "
+                        f"(first: {paths[start + todo[0]]}), expected {(h, w, c)}: the dataset's image size must be "
+                        "the one the extractor was built for"
+                    )
                 for k, j in enumerate(todo):
                     i, path = start + j, paths[start + j]
                     _check_finite(p[k], g[k], path)
@@ -211,8 +219,7 @@ def extract_features(
 
     present = [m is not None for m in masks]
     if all(present):
-        # Masks arrive as {0,1} floats (or 0/255 integers): anything above one half is a defect pixel.
-        mask_tensor: torch.Tensor | None = torch.stack([m if m.dtype == torch.bool else m > 0.5 for m in masks])  # (N, 1, S, S)
+        mask_tensor: torch.Tensor | None = torch.stack(masks)  # (N, 1, S, S) bool
     elif any(present):
         missing = paths[present.index(False)]
         raise ValueError(f"extract_features ({desc}): the dataset gives masks for some images but not for {missing}")

@@ -36,7 +36,7 @@ def step_table(results: dict, metric: str = "image_auroc") -> str:
         row += [fmt(vals.get(j)) if j in vals else "" for j in range(len(header) - 4)]
         present = [v for v in vals.values() if v is not None]
         row.append(fmt(sum(present) / len(present)) if present else "-")
-        routing = [e["routing_accuracy"] for e in step["per_task"] if "routing_accuracy" in e]
+        routing = [e["routing_accuracy"] for e in step["per_task"] if e.get("routing_accuracy") is not None]
         row.append(fmt(sum(routing) / len(routing)) if routing else "-")
         row.append(fmt(forgetting(metric_matrix(results["steps"][: i + 1], metric))))
         rows.append(row)

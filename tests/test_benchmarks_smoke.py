@@ -1,0 +1,104 @@
+"""Smoke runs of benchmarks/speed.py and peers.py on tiny generated data with a tiny config.
+
+The figures themselves are machine-dependent; these tests check that the scripts run end to end, report
+every key the issue asks for, and that speed.py's predict computation is the one the evaluation uses.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import write_tiny_mvtec
+from moleflow.data import build_dataset
+from moleflow.evaluate import score_features
+from moleflow.features import extract_features
+from moleflow.pipeline import build_system, learn_task, task_features
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+TINY = [
+    "backbone.weights=none", "data.image_size=64", "backbone.batch_size=4", "train.batch_size=4",
+    "model.coupling_blocks=2", "model.lora_rank=4", "model.dia_blocks=1",
+]
+
+
+def _load(name: str):
+    """benchmarks/NAME.py as module NAME (peers.py imports speed.py as a sibling module, so the same name)."""
+    if name in sys.modules and Path(sys.modules[name].__file__ or "").parent == BENCH:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def speed():
+    return _load("speed")
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory) -> Path:
+    return write_tiny_mvtec(tmp_path_factory.mktemp("bench") / "mvtec", ("bottle", "grid"), size=64)
+
+
+def test_speed_json_has_every_figure(speed, tiny_root, capsys):
+    code = speed.main([
+        "--json", "--category", str(tiny_root / "bottle"), "--epochs", "1", "--images", "4", "--warmup", "1",
+        "--repeats", "2", "--tasks", "3", "--extra", "grid", *[a for s in TINY for a in ("--set", s)],
+    ])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)  # stdout holds exactly one JSON object
+    rounds = {"backbone_img_s": "backbone", "predict_img_s_T1": "predict_T1", "predict_img_s_T3": "predict_T3",
+              "predict_img_s_T3_mixed": "predict_T3_mixed"}
+    for key, name in rounds.items():
+        assert math.isfinite(result[key]) and result[key] > 0, key
+        assert len(result["rates_all_rounds"][name]) == 2  # --repeats 2
+        assert result[key] == pytest.approx(sorted(result["rates_all_rounds"][name])[0] / 2 + sorted(result["rates_all_rounds"][name])[1] / 2)
+    stages = result["predict_stages_ms_per_img_T1"]
+    assert set(stages) == {"features", "routing", "flow", "map", "image_score"} and all(v >= 0 for v in stages.values())
+    assert result["params_shared"] > 0 and result["params_per_task"] > 0
+    assert result["peak_rss_mb"] > 0
+    tb = result["train_breakdown"]
+    assert tb["n_images"] == 4 and tb["epochs"] == 1  # the tiny class has 4 training images (< 200: noted)
+    assert result["train_s_200img"] == pytest.approx(tb["features_s"] + tb["learn_s"])
+    assert 0 < tb["fit_s"] <= tb["learn_s"]
+    # --epochs 1 is not the default: the output says so and projects the default's time.
+    assert result["meta"]["epochs"] == 1 and result["meta"]["epochs_default"] == 60
+    assert result["train_s_200img_projected_default_epochs"] == pytest.approx(result["train_s_200img"] + 59 * tb["fit_s"])
+    assert result["meta"]["tasks"] == 3
+    assert any("only 4 training images" in n for n in result["notes"])
+    assert result["ratios"]["predict_T1_over_backbone"] == pytest.approx(result["predict_img_s_T1"] / result["backbone_img_s"])
+    text = speed.format_table(result)
+    assert "NOT the default 60" in text and "issue 6 targets" in text
+
+
+def test_predict_batch_matches_the_evaluation_path(speed, tiny_root):
+    """predict_batch (what `moleflow predict` computes) scores an image exactly as evaluation does."""
+    cfg = speed.benchmark_config(tiny_root / "bottle", 1, TINY)
+    system = build_system(cfg)
+    learn_task(system, ["bottle"], task_features(system, ["bottle"], "train", False), False)
+    test = build_dataset(cfg.data, "bottle", "test")
+    images = torch.stack([test[i]["image"] for i in range(len(test))])
+    routed, scores, maps = speed.predict_batch(system, images)
+    assert routed.tolist() == [0] * len(test)
+    ref = score_features(system.model, extract_features(system.extractor, test, progress=False), routed, cfg, system.device)
+    torch.testing.assert_close(scores, ref.image, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(maps, ref.maps, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("anomalib") is not None, reason="anomalib is installed: peers would really run")
+def test_peers_without_anomalib_says_why(tiny_root, capsys):
+    peers = _load("peers")
+    code = peers.main(["--models", "patchcore,cflow", "--category", str(tiny_root / "bottle")])
+    out = capsys.readouterr()
+    assert code == 1
+    assert "anomalib cannot be imported" in out.err and ".venv-bench" in out.err
+    assert "not run" in out.out and "Traceback" not in out.out + out.err
