@@ -86,7 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     an.add_argument("kind", choices=["tail"])
     an.add_argument("run_mean_only", type=Path)
     an.add_argument("run_tail_aware", type=Path)
-    an.add_argument("--out", type=Path)
+    an.add_argument("--out", type=Path, help="folder for analysis.md and the PNGs (default runs/analysis-<time>)")
+    an.add_argument("--task", type=int, default=0, help="which task of the runs to analyse")
+    an.add_argument("--sweep", nargs="*", type=Path, default=[], help="runs differing in loss.tail_ratio, for measurement 7")
     return p
 
 
@@ -182,8 +184,14 @@ def _run(args: argparse.Namespace) -> int:
 
         print(compare_runs(args.run_dirs, [k.strip() for k in args.group_by.split(",") if k.strip()], args.baseline or None))
         return 0
-    print(f"moleflow {args.command}: not available in this version yet", file=sys.stderr)
-    return 2
+    if args.command == "analyze":
+        from moleflow.analysis import analyze_tail
+
+        out = args.out or _default_run_dir("analysis")
+        path = analyze_tail(args.run_mean_only, args.run_tail_aware, out, task=args.task, sweep=list(args.sweep), progress=progress)
+        print(f"analysis written to {path}")
+        return 0
+    raise AssertionError(f"unhandled command {args.command}")  # argparse only lets known commands through
 
 
 def _print_summary(results: dict, run_dir: Path, seconds: float | None) -> None:

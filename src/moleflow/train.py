@@ -90,10 +90,10 @@ def fit_task(
     log = TrainLog(task=task)
     t0 = time.perf_counter()
     model.train()
-    bar = tqdm(range(train_cfg.epochs), desc=f"train task {task}", disable=not progress, leave=False)
+    bar = tqdm(total=total, desc=f"train task {task}", unit="step", disable=not progress, leave=False)
     try:
         with model.use_task(task):
-            for epoch in bar:
+            for epoch in range(train_cfg.epochs):
                 order = torch.randperm(n, generator=gen)
                 running, count = 0.0, 0
                 epoch_norms: list[dict[str, float]] = []
@@ -118,15 +118,19 @@ def fit_task(
                     log.steps += 1
                     running += float(loss.detach()) * len(idx)
                     count += len(idx)
+                    bar.update(1)
+                    bar.set_postfix(epoch=f"{epoch + 1}/{train_cfg.epochs}", loss=f"{running / count:.4f}", refresh=False)
                 log.epoch_loss.append(running / count)
+                if progress:
+                    tqdm.write(f"task {task} epoch {epoch + 1}/{train_cfg.epochs}: loss {log.epoch_loss[-1]:.4f}")
                 if epoch_norms:
                     log.grad_norms.append({k: sum(d[k] for d in epoch_norms) / len(epoch_norms) for k in epoch_norms[0]})
-                bar.set_postfix(loss=f"{log.epoch_loss[-1]:.4f}")
     except BaseException:
         # Leave no half-trained model behind: every tensor goes back to its value before this task.
         model.load_state_dict(before)
         raise
     finally:
+        bar.close()
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
