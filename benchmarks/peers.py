@@ -40,12 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-
-# tqdm reads its TQDM_* defaults when it is first imported: this silences anomalib's coreset progress bar
-# (moleflow passes disable= explicitly, so its bars are unaffected).
-os.environ.setdefault("TQDM_DISABLE", "1")
 
 import time
 import warnings
@@ -374,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of %(default)s")
     parser.add_argument("--batch", type=int, default=16, help="images per forward pass (training and inference)")
     parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--coreset-ratio", type=float, default=0.1,
+                        help="PatchCore's coreset sampling ratio (anomalib's default %(default)s; its greedy search dominates PatchCore's time)")
     parser.add_argument("--max-train", type=int, default=0, help="use only the first N training images (0 = all)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="moleflow config override (repeatable)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
@@ -385,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--models: unknown {unknown}; choose from {', '.join(MODELS)}")
     if args.epochs < 1 or args.batch < 1:
         parser.error("--epochs and --batch must be >= 1")
+    if not 0 < args.coreset_ratio <= 1:
+        parser.error("--coreset-ratio must lie in (0, 1]")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = resolve_device("auto")
@@ -418,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"  {m} ...")
             try:
                 if m == "patchcore":
-                    out = run_patchcore(cat, lib, state, args.batch, device)
+                    out = run_patchcore(cat, lib, state, args.batch, device, args.coreset_ratio)
                 elif m == "cflow":
                     out = run_cflow(cat, lib, state, args.batch, device, args.epochs)
                 else:
@@ -435,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         del cat
 
     note = (f"{BACKBONE} layers {LAYERS} (offline weights) for every model, {args.image_size} px, epochs {args.epochs} "
-            f"(CFlow, moleflow), batch {args.batch}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+            f"(CFlow, moleflow), PatchCore coreset {args.coreset_ratio:g}, batch {args.batch}, {torch.get_num_threads()} threads, torch {torch.__version__}"
             + (f", anomalib {lib['version']}" if lib else ""))
     if args.json:
         print(json.dumps({"note": note, "rows": rows, "anomalib_error": lib_error}, indent=2, default=float))

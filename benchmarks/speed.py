@@ -39,7 +39,7 @@ import torch
 
 from moleflow.backbone import BackboneError
 from moleflow.config import Config, ConfigError, load_config
-from moleflow.data import MPDD_CLASSES, MVTEC_CLASSES, DatasetError, ImageDataset, build_dataset, load_image
+from moleflow.data import IMAGE_EXTENSIONS, MPDD_CLASSES, MVTEC_CLASSES, DatasetError, ImageDataset, build_dataset, load_image
 from moleflow.features import FeatureSet, extract_features
 from moleflow.pipeline import System, build_system, learn_task, task_features
 from moleflow.router import UNKNOWN
@@ -74,7 +74,7 @@ def category_overrides(category: Path) -> list[str]:
     name = category.name
     dataset = "mvtec" if name in MVTEC_CLASSES else "mpdd" if name in MPDD_CLASSES else "folder"
     # The folder reader takes ROOT/CLASS/train/good like MVTec's; only the test split differs, and
-    # the test images are read here without it (test_images).
+    # the test images are read here without it (category_test_images).
     return [f"data.dataset={dataset}", f"data.root={category.parent}"]
 
 
@@ -86,10 +86,10 @@ def benchmark_config(category: Path, epochs: int | None = None, overrides: list[
     return load_config(None, [*sets, *overrides])
 
 
-def test_images(category: Path, n: int, image_size: int) -> list[Path]:
+def category_test_images(category: Path, n: int) -> list[Path]:
     """`n` test image files of an MVTec-layout class, spread over its sorted test set (cycled if short)."""
     test_dir = Path(category) / "test"
-    files = sorted(p for p in test_dir.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"))
+    files = sorted(p for p in test_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
     if not files:
         raise DatasetError(f"{test_dir} holds no test images")
     step = max(1, len(files) // n)
@@ -295,7 +295,7 @@ def measure(
     result["params_shared"] = system.model.shared_parameter_count()
 
     log(f"decoding {images} test images ...")
-    batch = decode(test_images(category, images, cfg.data.image_size), cfg.data.image_size)  # (N, 3, S, S)
+    batch = decode(category_test_images(category, images), cfg.data.image_size)  # (N, 3, S, S)
 
     log(f"adding {extra_tasks} timing tasks ({extra_images} images of {', '.join(extra_specs)}, {extra_epochs} epoch) ...")
     extra_sets = timing_task_features(system, list(extra_specs), extra_tasks, extra_images)
