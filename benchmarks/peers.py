@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-
 import time
 import warnings
 from collections.abc import Callable

@@ -24,7 +24,7 @@ import dataclasses
 import io
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -620,13 +620,15 @@ def _plot_concentration(main: list[dict], labels: list[str], sweep: list[dict], 
         for key, lab, c in (("pixel_ap", "pixel AP", "tab:red"), ("image_auroc", "image AUROC", "tab:green")):
             ax.plot(ratios, [np.nan if r[key] is None else r[key] for r in rows], "o-", color=c, label=lab)
         ax.set_xscale("log")
+        ax.set_xticks(ratios, [f"{r:g}" for r in ratios])
+        ax.minorticks_off()
         ax.set_xlabel("loss.tail_ratio ρ")
         ax.set_ylabel("metric")
         ax2 = ax.twinx()
         ax2.plot(ratios, [r["gini"] for r in rows], "s--", color="k", label="Gini")
         ax2.set_ylabel("Gini of loss weights")
-        ax.legend(loc="lower left", fontsize=8)
-        ax2.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="center left", fontsize=8)
+        ax2.legend(loc="center right", fontsize=8)
         ax.set_title("tail-ratio sweep", fontsize=9)
     return _save(fig, path)
 

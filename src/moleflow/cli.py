@@ -88,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     an.add_argument("run_tail_aware", type=Path)
     an.add_argument("--out", type=Path, help="folder for analysis.md and the PNGs (default runs/analysis-<time>)")
     an.add_argument("--task", type=int, default=0, help="which task of the runs to analyse")
+    an.add_argument("--max-images", type=int, default=64, help="images per split used for the measurements")
     an.add_argument("--sweep", nargs="*", type=Path, default=[], help="runs differing in loss.tail_ratio, for measurement 7")
     return p
 
@@ -188,7 +189,8 @@ def _run(args: argparse.Namespace) -> int:
         from moleflow.analysis import analyze_tail
 
         out = args.out or _default_run_dir("analysis")
-        path = analyze_tail(args.run_mean_only, args.run_tail_aware, out, task=args.task, sweep=list(args.sweep), progress=progress)
+        path = analyze_tail(args.run_mean_only, args.run_tail_aware, out, task=args.task, sweep=list(args.sweep),
+                            max_images=args.max_images, progress=progress)
         print(f"analysis written to {path}")
         return 0
     raise AssertionError(f"unhandled command {args.command}")  # argparse only lets known commands through
