@@ -33,13 +33,14 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="moleflow",
         description="Continual anomaly detection on industrial images (MoLE-Flow).",
-        epilog="commands:\n" + "\n".join(f"  {k:<10} {v}" for k, v in COMMANDS.items()),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars, only the result lines")
+    # --quiet is accepted after the command too; SUPPRESS keeps a subcommand from resetting it to False.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars, only the result lines")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    f = sub.add_parser("fit", help=COMMANDS["fit"])
+    f = sub.add_parser("fit", help=COMMANDS["fit"], parents=[common])
     f.add_argument("config", help="experiment YAML (e.g. configs/mvtec_main.yaml)")
     f.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 train.epochs=5")
     f.add_argument("--out", type=Path, help="run directory (default runs/<config>-<time>)")
@@ -47,42 +48,42 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--resume", action="store_true", help="continue an interrupted run in --out from its last completed task")
     f.add_argument("--skip-bad", action="store_true", help="leave out unreadable images (listed in results.json) instead of stopping")
 
-    a = sub.add_parser("add-task", help=COMMANDS["add-task"])
+    a = sub.add_parser("add-task", help=COMMANDS["add-task"], parents=[common])
     a.add_argument("model_dir", type=Path)
     a.add_argument("--dataset", required=True, help="mvtec | mpdd | visa | elpv | folder")
     a.add_argument("--root", help="dataset root (the folder holding the class folders); not needed for elpv")
     a.add_argument("--classes", nargs="+", required=True, help="class(es) of the new task")
     a.add_argument("--out", type=Path, help="run directory for results (default: the model's own run directory)")
 
-    e = sub.add_parser("evaluate", help=COMMANDS["evaluate"])
+    e = sub.add_parser("evaluate", help=COMMANDS["evaluate"], parents=[common])
     e.add_argument("model_dir", type=Path)
     e.add_argument("config", nargs="?", help="YAML whose data section says where the test data lies (default: the model's)")
     e.add_argument("overrides", nargs="*")
     e.add_argument("--out", type=Path)
 
-    pr = sub.add_parser("predict", help=COMMANDS["predict"])
+    pr = sub.add_parser("predict", help=COMMANDS["predict"], parents=[common])
     pr.add_argument("model_dir", type=Path)
     pr.add_argument("paths", nargs="+", type=Path, help="image files or folders of images")
     pr.add_argument("--out", type=Path, required=True, help="folder for predictions.jsonl and the PNG maps")
 
-    d = sub.add_parser("demo", help=COMMANDS["demo"])
+    d = sub.add_parser("demo", help=COMMANDS["demo"], parents=[common])
     d.add_argument("--out", type=Path, help="run directory (default runs/demo-<time>)")
     d.add_argument("--add", type=Path, help="an MVTec-layout class folder (e.g. ../shared/data/mvtec_ad/bottle) to add as a third task")
     d.add_argument("overrides", nargs="*", help="dotted overrides of the demo config")
 
-    g = sub.add_parser("grid", help=COMMANDS["grid"])
+    g = sub.add_parser("grid", help=COMMANDS["grid"], parents=[common])
     g.add_argument("config")
     g.add_argument("overrides", nargs="*", help="dotted overrides applied to every run, e.g. data.root=...")
     g.add_argument("--vary", action="append", default=[], help="key=v1,v2 (repeatable)")
     g.add_argument("--seeds", default="", help="comma-separated seeds, e.g. 0,1,2")
     g.add_argument("--out", type=Path, default=Path("runs/grid"))
 
-    r = sub.add_parser("report", help=COMMANDS["report"])
+    r = sub.add_parser("report", help=COMMANDS["report"], parents=[common])
     r.add_argument("run_dirs", nargs="+", type=Path)
     r.add_argument("--group-by", default="", help="comma-separated config keys, e.g. train.lr,loss.lambda_logdet")
     r.add_argument("--baseline", default="", help="run name to compute deltas against")
 
-    an = sub.add_parser("analyze", help=COMMANDS["analyze"])
+    an = sub.add_parser("analyze", help=COMMANDS["analyze"], parents=[common])
     an.add_argument("kind", choices=["tail"])
     an.add_argument("run_mean_only", type=Path)
     an.add_argument("run_tail_aware", type=Path)
