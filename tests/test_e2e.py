@@ -158,3 +158,31 @@ def test_baselines_use_the_same_protocol(method, two_class_root, tmp_path):
     assert len(manifest["tasks"]) == 1 and manifest["tasks"][0]["classes"] == ["bottle", "grid"]
     # add-task is a continual operation: a baseline model refuses it with a one-line error
     assert main(["--quiet", "add-task", str(tmp_path / "model"), "--dataset", "mvtec", "--root", str(two_class_root), "--classes", "screw"]) == 2
+
+
+def test_readers_never_see_a_mix_while_a_task_is_added(fitted, two_class_root, tmp_path):
+    """add-task in another process while this one keeps loading the model: each load sees the model
+    before or after the new task (every file listed verifies), never a half-written state."""
+    import shutil
+    import subprocess
+    import sys
+
+    from moleflow.checkpoint import read_checked, read_manifest
+
+    run = tmp_path / "run"
+    shutil.copytree(fitted, run)
+    model = run / "model"
+    proc = subprocess.Popen([sys.executable, "-m", "moleflow.cli", "--quiet", "add-task", str(model), "--dataset", "mvtec",
+                             "--root", str(two_class_root), "--classes", "screw"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen = set()
+    while True:
+        finished = proc.poll() is not None
+        m = read_manifest(model)
+        read_checked(model, m["shared"])
+        for entry in m["tasks"]:
+            read_checked(model, entry)  # raises if a listed file were missing or half-written
+        seen.add(len(m["tasks"]))
+        if finished:
+            break
+    assert proc.returncode == 0, proc.stderr.read().decode()
+    assert seen <= {2, 3} and 3 in seen
