@@ -66,3 +66,17 @@ def test_prototype_round_trip():
     p = fit_prototype(_clusters()[0])
     q = Prototype.from_tensors(p.to_tensors())
     assert torch.equal(p.mean, q.mean) and torch.equal(p.precision, q.precision) and p.threshold == q.threshold
+
+
+def test_calibrated_routing_compares_in_threshold_units():
+    train = _clusters()
+    r = TaskRouter(calibrated=True)
+    for t, x in enumerate(train):
+        r.add_task(t, x)
+    x = _clusters(seed=4)[1][:8]
+    scale = torch.tensor([r.prototypes[t].threshold for t in range(3)], dtype=torch.float64)
+    assert torch.equal(r.route(x), (r.distances(x) / scale).argmin(1))
+    # make task 2's threshold tiny: in its units every image is far, so nothing goes there
+    r.prototypes[2].threshold = 1e-9
+    assert not (r.route(_clusters(seed=6)[2]) == 2).any()
+    assert (r.route(_clusters(seed=6)[0]) == 0).all()

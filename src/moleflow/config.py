@@ -120,6 +120,7 @@ class RouterConfig:
     hybrid_top_k: int = 2
     unknown: bool = False  # answer "unknown" beyond the per-task distance threshold
     unknown_quantile: float = 0.99
+    calibrated: bool = False  # compare tasks in units of each task's own distance threshold
 
 
 @dataclass

@@ -47,7 +47,8 @@ def build_system(cfg: Config) -> System:
     device = resolve_device(cfg.train.device)
     extractor = FeatureExtractor(cfg.backbone, cfg.data.image_size, device)
     model = MoLEFlow(cfg.model, extractor.out_channels).to(device)
-    router = TaskRouter(cfg.router.mode, cfg.router.hybrid_top_k, cfg.router.unknown, cfg.router.unknown_quantile)
+    router = TaskRouter(cfg.router.mode, cfg.router.hybrid_top_k, cfg.router.unknown, cfg.router.unknown_quantile,
+                        cfg.router.calibrated)
     return System(cfg, device, extractor, model, router)
 
 
