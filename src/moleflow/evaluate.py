@@ -88,10 +88,14 @@ def _metrics(features: FeatureSet, scores: Scores) -> dict:
     return compute_metrics(features.labels.numpy(), scores.image.numpy(), masks, maps)
 
 
-def _per_class(features: FeatureSet, scores: Scores) -> dict[str, dict]:
-    out = {}
+def _per_class(features: FeatureSet, scores: Scores, whole: dict | None = None) -> dict[str, dict]:
+    """Metrics per class of a task; a one-class task reuses the task's own metrics (`whole`)."""
     names = np.array(features.class_names)
-    for name in dict.fromkeys(features.class_names):
+    classes = list(dict.fromkeys(features.class_names))
+    if len(classes) == 1 and whole is not None:
+        return {classes[0]: dict(whole)}
+    out = {}
+    for name in classes:
         idx = torch.from_numpy(np.flatnonzero(names == name))
         sub = features.subset(idx)
         sub_scores = Scores(scores.tasks[idx], scores.image[idx], scores.patch[idx], None if scores.maps is None else scores.maps[idx])
@@ -117,7 +121,7 @@ def evaluate_task(
         sc = score_features(model, features, torch.full((len(features),), single_model_task), cfg, device)
         metrics = _metrics(features, sc)
         return {"task": task, **metrics, "routing_accuracy": None, "oracle": dict(metrics),
-                "per_class": _per_class(features, sc), "n_test": len(features),
+                "per_class": _per_class(features, sc, metrics), "n_test": len(features),
                 "n_defective": int(features.labels.sum())}, sc
     routed_tasks = route_features(router, model, features, task, device)
     oracle_tasks = torch.full_like(routed_tasks, task)
@@ -132,12 +136,13 @@ def evaluate_task(
         routed = oracle  # same task for every image: the scores are the oracle's, bit for bit
     else:
         routed = score_features(model, features, routed_tasks, cfg, device)
+    routed_metrics = _metrics(features, routed)
     result = {
         "task": task,
-        **_metrics(features, routed),
+        **routed_metrics,
         "routing_accuracy": float(correct.float().mean()),
-        "oracle": _metrics(features, oracle),
-        "per_class": _per_class(features, routed),
+        "oracle": dict(routed_metrics) if routed is oracle else _metrics(features, oracle),
+        "per_class": _per_class(features, routed, routed_metrics),
         "n_test": len(features),
         "n_defective": int(features.labels.sum()),
     }
