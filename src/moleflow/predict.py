@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moleflow.checkpoint import atomic_write_text
+from moleflow.config import ConfigError
 from moleflow.data import DatasetError, load_image
 from moleflow.pipeline import load_system
 from moleflow.router import UNKNOWN
@@ -43,6 +44,9 @@ def run_predict(model_dir: Path, paths: list[Path], out_dir: Path, progress: boo
     from moleflow.plots import save_prediction_pngs
 
     cfg, size = system.cfg, system.cfg.data.image_size
+    if system.router.mode == "oracle":
+        raise ConfigError("this model routes with the oracle (router.mode: oracle), which needs each image's true task; "
+                          "predict cannot know it: retrain with router.mode=mahalanobis")
     files = collect_images(paths)
     out_dir = Path(out_dir)
     (out_dir / "maps").mkdir(parents=True, exist_ok=True)
@@ -56,8 +60,6 @@ def run_predict(model_dir: Path, paths: list[Path], out_dir: Path, progress: boo
             def nll(index, tasks):  # noqa: E306 - closes over this batch
                 z, ld = system.model.forward_routed(patches[index], tasks.to(system.device))
                 return patch_scores(z, ld).mean(dim=(1, 2)).cpu()
-        if system.router.mode == "oracle":
-            raise DatasetError("this model routes with the oracle (router.mode: oracle), which needs the true task; predict cannot know it")
         routed = system.router.route(desc.cpu(), task_nll=nll)
         known = routed != UNKNOWN
         scores = torch.full((len(batch),), float("nan"))
