@@ -1,8 +1,8 @@
 """`moleflow demo`: the first thing a new user runs.
 
 Learns ELPV `mono` cells, then `poly` cells, with the offline backbone, evaluates both with routing on,
-and optionally appends an MVTec-layout class folder (`--add PATH`) as a third task through `add-task`,
-exactly as a user would add a product to a saved model. Prints the per-step table and the run directory.
+and optionally appends an MVTec-layout class folder (`--add PATH`) as a third task. Prints the per-step
+table and the run directory; the saved model accepts further products with `moleflow add-task`.
 """
 from __future__ import annotations
 
@@ -27,11 +27,13 @@ def run_demo(run_dir: Path, add: Path | None, overrides: list[str], progress: bo
         if not (add / "train" / "good").is_dir():
             raise DatasetError(f"--add {add}: not an MVTec-layout class folder (no {add / 'train' / 'good'})")
     cfg = load_config(demo_config_path(), overrides)
+    if add is not None:
+        # The third product joins the same continual run (task by task, no access to earlier images);
+        # learning it in this process reuses the earlier tasks' test features for the evaluation.
+        cfg.scenario.tasks = [*cfg.scenario.tasks, [f"mvtec:{add.resolve().name}"]]
+        cfg.data.roots["mvtec"] = str(add.resolve().parent)
     t0 = time.perf_counter()
     results = pipeline.run_fit(cfg, run_dir, progress=progress)
-    if add is not None:
-        spec = f"mvtec:{add.resolve().name}"
-        results = pipeline.run_add_task(Path(run_dir) / "model", [spec], {"mvtec": str(add.resolve().parent)}, Path(run_dir), progress=progress)
     seconds = time.perf_counter() - t0
     print()
     print(step_table(results))
