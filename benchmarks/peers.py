@@ -41,6 +41,13 @@ score (features, coreset / flow training, calibration); "infer img/s" covers sco
 """
 from __future__ import annotations
 
+import os
+
+# As the moleflow CLI: OpenMP threads wait passively, so the figures are those users get from
+# `moleflow fit/predict` (spinning threads slow torch down badly when another process shares the cores).
+# Must precede importing torch; set OMP_WAIT_POLICY yourself to measure another policy.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import json
 import sys
@@ -55,7 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from moleflow.backbone import BackboneError, create_classifier, resolve_device
-from moleflow.config import ConfigError, load_config
+from moleflow.config import Config, ConfigError, load_config
 from moleflow.data import DatasetError, ImageDataset, build_dataset
 from moleflow.data.mvtec import mvtec_samples
 from moleflow.features import FeatureSet
@@ -367,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--category", action="append", default=None, metavar="PATH|elpv:CLASS",
                         help="MVTec-layout class folder or class spec (repeatable; default: bottle, elpv:mono, elpv:poly)")
-    parser.add_argument("--epochs", type=int, default=10, help="training epochs of CFlow and moleflow (equal; default %(default)s)")
+    parser.add_argument("--epochs", type=int, default=Config().train.epochs,
+                        help="training epochs of CFlow and moleflow (equal; default: moleflow's train.epochs, %(default)s)")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of %(default)s")
     parser.add_argument("--batch", type=int, default=16, help="images per forward pass (training and inference)")
     parser.add_argument("--image-size", type=int, default=256)
@@ -440,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
 
     note = (f"{BACKBONE} layers {LAYERS} (offline weights) for every model, {args.image_size} px, epochs {args.epochs} "
             f"(CFlow, moleflow), PatchCore coreset {args.coreset_ratio:g}, "
-            f"{'all' if args.max_train <= 0 else f'at most {args.max_train}'} training images, batch {args.batch}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+            f"{'all' if args.max_train <= 0 else f'at most {args.max_train}'} training images, batch {args.batch}, {torch.get_num_threads()} threads (OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY')}), torch {torch.__version__}"
             + (f", anomalib {lib['version']}" if lib else ""))
     if args.json:
         print(json.dumps({"note": note, "rows": rows, "anomalib_error": lib_error}, indent=2, default=float))

@@ -22,10 +22,16 @@ distort the figures (OpenMP threads wait for each other): run on an otherwise id
 """
 from __future__ import annotations
 
+import os
+
+# As the moleflow CLI: OpenMP threads wait passively, so the figures are those users get from
+# `moleflow fit/predict` (spinning threads slow torch down badly when another process shares the cores).
+# Must precede importing torch; set OMP_WAIT_POLICY yourself to measure another policy.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import copy
 import json
-import os
 import platform
 import resource
 import statistics
@@ -345,7 +351,7 @@ def measure(
         "extra_task_images": extra_images, "extra_specs": list(extra_specs),
         "backbone": f"{cfg.backbone.name} layers {cfg.backbone.layers} ({system.extractor.weights_source})",
         "image_size": cfg.data.image_size, "grid": list(system.extractor.grid), "channels": system.extractor.out_channels,
-        "device": str(system.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "device": str(system.device), "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "torch": torch.__version__,
         "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
         "load_avg_start": list(load_start), "load_avg_end": list(os.getloadavg()),
     }
@@ -359,7 +365,7 @@ def format_table(r: dict) -> str:
     epochs_note = "" if m["epochs"] == m["epochs_default"] else f"  (--epochs {m['epochs']}, NOT the default {m['epochs_default']})"
     lines = [
         f"moleflow speed: {m['backbone']}, {m['image_size']} px, grid {m['grid'][0]}x{m['grid'][1]}, C={m['channels']}, "
-        f"{m['device']}, {m['threads']} threads, torch {m['torch']}",
+        f"{m['device']}, {m['threads']} threads (OMP_WAIT_POLICY {m['omp_wait_policy']}), torch {m['torch']}",
         f"batch {m['images']} images of {m['category']}, {m['warmup']} warm-up + {m['repeats']} interleaved rounds (median); "
         f"load average {m['load_avg_start'][0]:.2f} -> {m['load_avg_end'][0]:.2f}",
         "",
@@ -412,7 +418,7 @@ def format_table(r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs of the 200-image task (default: the config's, 60)")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs of the 200-image task (default: the config's train.epochs)")
     parser.add_argument("--images", type=int, default=16, help="timing batch size (images per call)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls of each measurement first")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds")

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import write_tiny_mvtec
+from moleflow.config import Config
 from moleflow.data import build_dataset
 from moleflow.evaluate import score_features
 from moleflow.features import extract_features
@@ -71,13 +72,14 @@ def test_speed_json_has_every_figure(speed, tiny_root, capsys):
     assert result["train_s_200img"] == pytest.approx(tb["features_s"] + tb["learn_s"])
     assert 0 < tb["fit_s"] <= tb["learn_s"]
     # --epochs 1 is not the default: the output says so and projects the default's time.
-    assert result["meta"]["epochs"] == 1 and result["meta"]["epochs_default"] == 60
-    assert result["train_s_200img_projected_default_epochs"] == pytest.approx(result["train_s_200img"] + 59 * tb["fit_s"])
+    default = Config().train.epochs
+    assert default > 1 and result["meta"]["epochs"] == 1 and result["meta"]["epochs_default"] == default
+    assert result["train_s_200img_projected_default_epochs"] == pytest.approx(result["train_s_200img"] + (default - 1) * tb["fit_s"])
     assert result["meta"]["tasks"] == 3
     assert any("only 4 training images" in n for n in result["notes"])
     assert result["ratios"]["predict_T1_over_backbone"] == pytest.approx(result["predict_img_s_T1"] / result["backbone_img_s"])
     text = speed.format_table(result)
-    assert "NOT the default 60" in text and "issue 6 targets" in text
+    assert f"NOT the default {default}" in text and "issue 6 targets" in text
 
 
 def test_predict_batch_matches_the_evaluation_path(speed, tiny_root):

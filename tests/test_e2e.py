@@ -186,3 +186,18 @@ def test_readers_never_see_a_mix_while_a_task_is_added(fitted, two_class_root, t
             break
     assert proc.returncode == 0, proc.stderr.read().decode()
     assert seen <= {2, 3} and 3 in seen
+
+
+def test_skip_bad_lists_refused_files_and_goes_on(tmp_path, capsys):
+    root = tmp_path / "data"
+    _write_class(root, "bottle", (200, 60, 40), seed=1)
+    (root / "bottle/train/good/999.png").write_bytes(b"this is not a png")
+    args = ["--quiet", "fit", str(CONFIGS / "smoke.yaml"), f"data.root={root}", "scenario.tasks=[[bottle]]"]
+    assert main([*args, "--out", str(tmp_path / "strict")]) == 2
+    err = capsys.readouterr().err
+    assert "999.png" in err and "\n" not in err.strip()
+    assert main([*args, "--out", str(tmp_path / "lenient"), "--skip-bad"]) == 0
+    r = json.loads((tmp_path / "lenient/results.json").read_text())
+    assert [Path(s["path"]).name for s in r["skipped_files"]] == ["999.png"]
+    assert r["skipped_files"][0]["reason"]
+    assert r["steps"][0]["train"]["n_train"] == 10
