@@ -48,7 +48,7 @@ from moleflow.config import Config, ConfigError, load_config
 from moleflow.data import IMAGE_EXTENSIONS, MPDD_CLASSES, MVTEC_CLASSES, DatasetError, ImageDataset, build_dataset, load_image
 from moleflow.features import FeatureSet, extract_features
 from moleflow.pipeline import System, build_system, learn_task, task_features
-from moleflow.router import UNKNOWN
+from moleflow.predict import predict_batch  # what `moleflow predict` computes, minus file I/O
 from moleflow.scoring import anomaly_map, image_score, patch_scores
 from moleflow.train import seed_everything
 
@@ -108,33 +108,6 @@ def decode(paths: list[Path], image_size: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- the predict path
-
-
-@torch.no_grad()
-def predict_batch(system: System, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What `moleflow predict` computes for one batch (predict.run_predict without file I/O).
-
-    images (B, 3, S, S) in [0, 1] -> routed task (B,), image score (B,) (NaN where unknown),
-    anomaly map (B, S, S).
-    """
-    cfg, size = system.cfg, system.cfg.data.image_size
-    patches, desc = system.extractor(images.to(system.device))  # (B, H, W, C), (B, D)
-    nll = None
-    if system.router.mode == "hybrid":
-        def nll(index: torch.Tensor, tasks: torch.Tensor) -> torch.Tensor:  # noqa: E306 - closes over this batch
-            z, ld = system.model.forward_routed(patches[index], tasks.to(system.device))
-            return patch_scores(z, ld).mean(dim=(1, 2)).cpu()
-    routed = system.router.route(desc.cpu(), task_nll=nll)
-    known = routed != UNKNOWN
-    scores = torch.full((len(images),), float("nan"))
-    maps = torch.zeros(len(images), size, size)
-    if known.any():
-        idx = known.nonzero().squeeze(1)
-        z, log_det = system.model.forward_routed(patches[idx], routed[idx].to(system.device))
-        s = patch_scores(z, log_det)  # (b, H, W)
-        scores[idx] = image_score(s, cfg.scoring.aggregation, cfg.scoring.top_k).cpu()
-        maps[idx] = anomaly_map(s, size, cfg.scoring.blur_sigma).cpu()
-    return routed, scores, maps
 
 
 @torch.no_grad()

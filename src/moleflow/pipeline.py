@@ -350,7 +350,7 @@ def run_add_task(model_dir: Path, specs: list[str], roots: dict[str, str], run_d
     results["tasks"].append([display_name(s) for s in specs])
     results.setdefault("task_specs", []).append(list(specs))
     results["steps"].append({"after_task": t, "per_task": per_task, "train": log})
-    results["final"] = summarize([s for s in results["steps"]])
+    results["final"] = summarize(results["steps"])
     save_system(system, model_dir, new_tasks=[t])
     write_results(run_dir, results, cfg, system.skipped)
     echo(step_line(results["steps"][-1]))

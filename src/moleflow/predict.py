@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from moleflow.checkpoint import atomic_write_text
 from moleflow.config import ConfigError
 from moleflow.data import DatasetError, load_image
-from moleflow.pipeline import load_system
+from moleflow.pipeline import System, load_system
 from moleflow.router import UNKNOWN
 from moleflow.scoring import anomaly_map, image_score, patch_scores
 
@@ -39,6 +39,30 @@ def collect_images(paths: list[Path]) -> list[Path]:
 
 
 @torch.no_grad()
+def predict_batch(system: System, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """images (B, 3, S, S) in [0, 1] -> routed task (B,), image score (B,) (NaN where unknown),
+    anomaly map (B, S, S). Features, routing without a task id, flow, map and score in one pass."""
+    cfg, size = system.cfg, system.cfg.data.image_size
+    patches, desc = system.extractor(images.to(system.device))  # (B, H, W, C), (B, D)
+    nll = None
+    if system.router.mode == "hybrid":
+        def nll(index: torch.Tensor, tasks: torch.Tensor) -> torch.Tensor:  # noqa: E306 - closes over this batch
+            z, ld = system.model.forward_routed(patches[index], tasks.to(system.device))
+            return patch_scores(z, ld).mean(dim=(1, 2)).cpu()
+    routed = system.router.route(desc.cpu(), task_nll=nll)
+    known = routed != UNKNOWN
+    scores = torch.full((len(images),), float("nan"))
+    maps = torch.zeros(len(images), size, size)
+    if known.any():
+        idx = known.nonzero().squeeze(1)
+        z, log_det = system.model.forward_routed(patches[idx], routed[idx].to(system.device))
+        s = patch_scores(z, log_det)  # (b, H, W)
+        scores[idx] = image_score(s, cfg.scoring.aggregation, cfg.scoring.top_k).cpu()
+        maps[idx] = anomaly_map(s, size, cfg.scoring.blur_sigma).cpu()
+    return routed, scores, maps
+
+
+@torch.no_grad()
 def run_predict(model_dir: Path, paths: list[Path], out_dir: Path, progress: bool = True, batch_size: int = 8) -> int:
     system = load_system(model_dir)
     from moleflow.plots import save_prediction_pngs
@@ -54,22 +78,7 @@ def run_predict(model_dir: Path, paths: list[Path], out_dir: Path, progress: boo
     for start in tqdm(range(0, len(files), batch_size), desc="predict", disable=not progress):
         batch = files[start : start + batch_size]
         images = torch.stack([load_image(f, size) for f in batch])  # (B, 3, S, S) in [0, 1]
-        patches, desc = system.extractor(images.to(system.device))  # (B, H, W, C), (B, D)
-        nll = None
-        if system.router.mode == "hybrid":
-            def nll(index, tasks):  # noqa: E306 - closes over this batch
-                z, ld = system.model.forward_routed(patches[index], tasks.to(system.device))
-                return patch_scores(z, ld).mean(dim=(1, 2)).cpu()
-        routed = system.router.route(desc.cpu(), task_nll=nll)
-        known = routed != UNKNOWN
-        scores = torch.full((len(batch),), float("nan"))
-        maps = torch.zeros(len(batch), size, size)
-        if known.any():
-            idx = known.nonzero().squeeze(1)
-            z, log_det = system.model.forward_routed(patches[idx], routed[idx].to(system.device))
-            s = patch_scores(z, log_det)  # (b, H, W)
-            scores[idx] = image_score(s, cfg.scoring.aggregation, cfg.scoring.top_k).cpu()
-            maps[idx] = anomaly_map(s, size, cfg.scoring.blur_sigma).cpu()
+        routed, scores, maps = predict_batch(system, images)
         for i, f in enumerate(batch):
             t = int(routed[i])
             record = {"path": str(f), "task": t}
