@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moleflow.flow import soft_clamp
+from moleflow.flow import chain_forward, chain_inverse, soft_clamp
 
 # Task 0's whitening starts here: gamma = 0.5 + 1.5·sigmoid(-0.7) ≈ 0.998, i.e. near identity (V3-1).
 TASK0_GAMMA_RAW = -0.7
@@ -145,15 +145,7 @@ class DIA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, H, W, C) -> (z, log_det (B, H, W))."""
-        log_det = x.new_zeros(x.shape[:-1])
-        for block in self.blocks:
-            x, ld = block(x)
-            log_det = log_det + ld
-        return x, log_det
+        return chain_forward(self.blocks, x)
 
     def inverse(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        log_det = z.new_zeros(z.shape[:-1])
-        for block in reversed(self.blocks):
-            z, ld = block.inverse(z)
-            log_det = log_det + ld
-        return z, log_det
+        return chain_inverse(self.blocks, z)

@@ -148,6 +148,28 @@ class CouplingBlock(nn.Module):
         return x, -s.sum(dim=-1)
 
 
+def chain_forward(
+    blocks: nn.ModuleList, x: torch.Tensor, block_logdets: list[torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run invertible blocks in order; their per-patch log-dets (B, H, W) add up."""
+    log_det = x.new_zeros(x.shape[:-1])
+    for block in blocks:
+        x, ld = block(x)
+        log_det = log_det + ld
+        if block_logdets is not None:
+            block_logdets.append(ld)
+    return x, log_det
+
+
+def chain_inverse(blocks: nn.ModuleList, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact inverse of `chain_forward`: blocks in reverse, log-dets of the inverses added."""
+    log_det = z.new_zeros(z.shape[:-1])
+    for block in reversed(blocks):
+        z, ld = block.inverse(z)
+        log_det = log_det + ld
+    return z, log_det
+
+
 class BaseFlow(nn.Module):
     """`cfg.coupling_blocks` coupling blocks; the per-patch log-dets add up."""
 
@@ -160,17 +182,7 @@ class BaseFlow(nn.Module):
         self, x: torch.Tensor, block_logdets: list[torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, H, W, C) -> (z, log_det (B, H, W)). Pass a list to also collect each block's log-det."""
-        log_det = x.new_zeros(x.shape[:-1])
-        for block in self.blocks:
-            x, ld = block(x)
-            log_det = log_det + ld
-            if block_logdets is not None:
-                block_logdets.append(ld)
-        return x, log_det
+        return chain_forward(self.blocks, x, block_logdets)
 
     def inverse(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        log_det = z.new_zeros(z.shape[:-1])
-        for block in reversed(self.blocks):
-            z, ld = block.inverse(z)
-            log_det = log_det + ld
-        return z, log_det
+        return chain_inverse(self.blocks, z)

@@ -75,13 +75,19 @@ def find_mask(index: dict[str, Path], image_stem: str) -> Path | None:
 # --------------------------------------------------------------------------- decoding
 
 
-def _open_decoded(path: Path, what: str) -> Image.Image:
-    """Open, fully decode and orient one file; any failure is a DatasetError naming the file."""
+def _existing_file(path: str | Path, what: str) -> Path:
+    """The path, if it is a non-empty file; else a DatasetError naming it."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{what} {path} does not exist")
     if path.stat().st_size == 0:
         raise DatasetError(f"{what} {path} is empty (0 bytes)")
+    return path
+
+
+def _open_decoded(path: Path, what: str) -> Image.Image:
+    """Open, fully decode and orient one file; any failure is a DatasetError naming the file."""
+    path = _existing_file(path, what)
     try:
         with Image.open(path) as im:
             # load() inside the try: a truncated file only fails when its pixel data is decoded.
@@ -161,11 +167,7 @@ def load_mask(path: str | Path, image_size: int) -> torch.Tensor:
 
 def header_size(path: Path, what: str = "image") -> tuple[int, int]:
     """(width, height) from the file header only (cheap: no pixel decoding). DatasetError if unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"{what} {path} does not exist")
-    if path.stat().st_size == 0:
-        raise DatasetError(f"{what} {path} is empty (0 bytes)")
+    path = _existing_file(path, what)
     try:
         with Image.open(path) as im:
             return im.size
