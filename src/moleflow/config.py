@@ -101,7 +101,10 @@ class TrainConfig:
     warmup_epochs: int = 0
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    ogp: bool = False  # V3-4 orthogonal gradient projection (finetune baseline only)
+    ogp: bool = False  # V3-4 orthogonal gradient projection (method: finetune only; see ogp.py)
+    ogp_threshold: float = 0.99  # share of a task's gradient energy its stored subspace must span
+    ogp_max_rank: int = 50  # at most this many new directions per parameter tensor and task
+    ogp_batches: int = 32  # gradient rows per task: its first ogp_batches training batches
     record_grad_norms: bool = False  # per-block gradient norms, for `moleflow analyze tail`
 
 
@@ -321,6 +324,10 @@ def validate(cfg: Config) -> None:
         (cfg.scoring.top_k >= 1, "scoring.top_k must be >= 1"),
         (0.0 < cfg.scoring.threshold_quantile <= 1.0, "scoring.threshold_quantile must lie in (0, 1]"),
         (cfg.router.hybrid_top_k >= 2, "router.hybrid_top_k must be >= 2"),
+        (not cfg.train.ogp or cfg.method == "finetune",
+         "train.ogp needs method: finetune (with moleflow no earlier task's weight ever trains again); set method=finetune or train.ogp=false"),
+        (0.0 < cfg.train.ogp_threshold <= 1.0, "train.ogp_threshold must lie in (0, 1]"),
+        (cfg.train.ogp_max_rank >= 1 and cfg.train.ogp_batches >= 1, "train.ogp_max_rank and train.ogp_batches must be >= 1"),
     ]
     for ok, msg in checks:
         if not ok:

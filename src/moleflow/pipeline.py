@@ -22,6 +22,7 @@ from moleflow.data import build_dataset, parse_class_spec
 from moleflow.evaluate import Scores, evaluate_task, score_features, summarize
 from moleflow.features import FeatureSet, extract_features
 from moleflow.model import MoLEFlow
+from moleflow.ogp import GradientMemory, task_gradients
 from moleflow.router import Prototype, TaskRouter
 from moleflow.scenario import display_name, resolve_tasks
 from moleflow.train import fit_task, seed_everything
@@ -38,6 +39,7 @@ class System:
     router: TaskRouter
     tasks: list[TaskRecord] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason) left out by data.skip_bad
+    memory: GradientMemory | None = None  # earlier tasks' gradient subspaces (finetune with train.ogp)
 
     def record(self, t: int) -> TaskRecord:
         return self.tasks[t]
@@ -49,7 +51,8 @@ def build_system(cfg: Config) -> System:
     model = MoLEFlow(cfg.model, extractor.out_channels).to(device)
     router = TaskRouter(cfg.router.mode, cfg.router.hybrid_top_k, cfg.router.unknown, cfg.router.unknown_quantile,
                         cfg.router.calibrated)
-    return System(cfg, device, extractor, model, router)
+    memory = GradientMemory(cfg.train.ogp_threshold, cfg.train.ogp_max_rank) if cfg.train.ogp else None
+    return System(cfg, device, extractor, model, router, memory=memory)
 
 
 def task_features(system: System, specs: list[str], split: str, progress: bool) -> FeatureSet:
@@ -91,12 +94,15 @@ def learn_task(system: System, specs: list[str], train: FeatureSet, progress: bo
         system.model.add_task(t)
         system.router.add_task(t, train.descriptors)
     try:
-        log = fit_task(system.model, t, train, system.cfg.train, system.cfg.loss, system.device, progress=progress)
+        log = fit_task(system.model, t, train, system.cfg.train, system.cfg.loss, system.device, progress=progress,
+                       memory=system.memory)
     except BaseException:
         if retrain is None:
             system.model.remove_task(t)
             system.router.prototypes.pop(t, None)
         raise
+    if system.memory is not None:
+        remember_gradients(system, t, train)
     threshold, map_low = calibrate_threshold(system, t, train)
     record = TaskRecord(t, [display_name(s) for s in specs], threshold, list(specs), map_low)
     if retrain is None:
@@ -104,9 +110,23 @@ def learn_task(system: System, specs: list[str], train: FeatureSet, progress: bo
     else:
         system.tasks[t] = record
     info = {"epoch_loss": log.epoch_loss, "seconds": log.seconds, "steps": log.steps, "n_train": len(train)}
+    if system.memory is not None:
+        info["ogp_directions"] = sum(system.memory.rank().values())  # stored so far, over all tensors
     if log.grad_norms:
         info["grad_norms"] = log.grad_norms  # per epoch, per coupling block (train.record_grad_norms)
     return t, info
+
+
+def remember_gradients(system: System, t: int, train: FeatureSet) -> None:
+    """Add the gradient subspace of the task just learned (in model task t's weights) to the OGP memory."""
+    cfg = system.cfg.train
+    system.model.set_trainable(t)
+    try:
+        grads = task_gradients(system.model, t, train, system.cfg.loss, system.device, cfg.batch_size, cfg.ogp_batches)
+    finally:
+        for p in system.model.parameters():
+            p.requires_grad_(False)
+    system.memory.add(grads)
 
 
 def evaluate_seen(

@@ -17,6 +17,7 @@ from moleflow.config import LossConfig, TrainConfig
 from moleflow.features import FeatureSet
 from moleflow.loss import tail_aware_loss
 from moleflow.model import MoLEFlow
+from moleflow.ogp import GradientMemory
 
 
 class TrainingError(RuntimeError):
@@ -73,8 +74,13 @@ def fit_task(
     loss_cfg: LossConfig,
     device: torch.device,
     progress: bool = True,
+    memory: GradientMemory | None = None,
 ) -> TrainLog:
-    """Train task `task` (already added to the model) on its cached training features."""
+    """Train task `task` (already added to the model) on its cached training features.
+
+    `memory` (the finetune baseline with train.ogp) removes earlier tasks' gradient directions from
+    every step's gradients.
+    """
     params = model.set_trainable(task)
     if not params:
         raise TrainingError(f"task {task} has no trainable parameters (check the model config)")
@@ -109,6 +115,8 @@ def fit_task(
                         )
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
+                    if memory is not None:
+                        memory.project(model.named_parameters())
                     if train_cfg.record_grad_norms:
                         epoch_norms.append(block_grad_norms(model))
                     if train_cfg.grad_clip > 0:
