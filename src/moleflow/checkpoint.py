@@ -46,6 +46,9 @@ def atomic_write_text(path: Path, text: str) -> None:
 #
 # A new task writes its own file and then replaces manifest.json by an atomic rename, so a reader sees
 # the model before or after the new task, never a mix, and earlier task files stay byte-identical.
+# A file whose content changes (the finetune baseline retrains shared and task 0) is written under a
+# new name (shared.<sha256[:12]>.safetensors) and the old one is removed only after the manifest
+# switched: a process killed in between leaves the previous model complete.
 
 import hashlib
 import json
@@ -142,19 +145,14 @@ def write_model(
     old_tasks = {t["index"]: t for t in old["tasks"]} if old else {}
 
     shared_bytes = _tensor_bytes(shared)
-    shared_entry = {"file": "shared.safetensors", "sha256": sha256_bytes(shared_bytes)}
-    if not (old and old["shared"]["sha256"] == shared_entry["sha256"] and (model_dir / shared_entry["file"]).is_file()):
-        atomic_write_bytes(model_dir / shared_entry["file"], shared_bytes)
+    shared_entry = _write_unless_unchanged(model_dir, "shared", shared_bytes, old["shared"] if old else None)
 
     entries = []
     for rec in tasks:
         if rec.index in task_tensors:
             data = _tensor_bytes(task_tensors[rec.index], {"classes": json.dumps(rec.classes)})
-            rec.file = f"task_{rec.index:03d}.safetensors"
-            rec.sha256 = sha256_bytes(data)
-            prev = old_tasks.get(rec.index)
-            if not (prev and prev["sha256"] == rec.sha256 and (model_dir / rec.file).is_file()):
-                atomic_write_bytes(model_dir / rec.file, data)
+            written = _write_unless_unchanged(model_dir, f"task_{rec.index:03d}", data, old_tasks.get(rec.index))
+            rec.file, rec.sha256 = written["file"], written["sha256"]
         else:
             prev = old_tasks.get(rec.index)
             if prev is None:
@@ -175,4 +173,23 @@ def write_model(
         **(extra or {}),
     }
     atomic_write_text(model_dir / MANIFEST, json.dumps(manifest, indent=2))
+    if old:  # files the new manifest no longer lists (replaced versions); readers of the old one may retry
+        listed = {shared_entry["file"], *(e["file"] for e in entries)}
+        for entry in [old["shared"], *old["tasks"]]:
+            if entry["file"] not in listed:
+                (model_dir / entry["file"]).unlink(missing_ok=True)
     return manifest
+
+
+def _write_unless_unchanged(model_dir: Path, stem: str, data: bytes, prev: dict | None) -> dict:
+    """The manifest entry for `data`; writes the file unless `prev` already holds these bytes.
+
+    A first version is `<stem>.safetensors`; a changed version gets its own name, so the file the
+    current manifest lists is never overwritten.
+    """
+    digest = sha256_bytes(data)
+    if prev and prev["sha256"] == digest and (model_dir / prev["file"]).is_file():
+        return {"file": prev["file"], "sha256": digest}
+    name = f"{stem}.safetensors" if prev is None else f"{stem}.{digest[:12]}.safetensors"
+    atomic_write_bytes(model_dir / name, data)
+    return {"file": name, "sha256": digest}
