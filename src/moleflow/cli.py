@@ -99,9 +99,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from moleflow.checkpoint import CheckpointError
     from moleflow.config import ConfigError
     from moleflow.data import DatasetError
+    from moleflow.features import FeatureError
+    from moleflow.scoring import ScoreError
     from moleflow.train import TrainingError
 
-    return (ConfigError, DatasetError, CheckpointError, BackboneError, TrainingError, FileNotFoundError)
+    return (ConfigError, DatasetError, CheckpointError, BackboneError, TrainingError, FeatureError, ScoreError,
+            FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,8 +185,13 @@ def _run(args: argparse.Namespace) -> int:
         run_grid(Path(args.config), args.vary, parse_seeds(args.seeds), args.out, progress=progress, overrides=args.overrides)
         return 0
     if args.command == "report":
-        from moleflow.compare import compare_runs
+        from moleflow.compare import collect_runs, compare_runs
 
+        runs, skipped = collect_runs(args.run_dirs)
+        if not runs:
+            reasons = "; ".join(f"{s.path}: {s.reason}" for s in skipped)
+            raise ConfigError(f"no finished run among the folders given ({reasons}); give run folders written by "
+                              "`moleflow fit --out` or `moleflow grid --out`")
         print(compare_runs(args.run_dirs, [k.strip() for k in args.group_by.split(",") if k.strip()], args.baseline or None))
         return 0
     if args.command == "analyze":

@@ -16,7 +16,7 @@ from moleflow.features import FeatureSet
 from moleflow.metrics import compute_metrics
 from moleflow.model import MoLEFlow
 from moleflow.router import UNKNOWN, TaskRouter
-from moleflow.scoring import anomaly_map, image_score, patch_scores
+from moleflow.scoring import anomaly_map, image_score, patch_scores, require_finite
 
 METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
 
@@ -49,9 +49,7 @@ def score_features(
         t = tasks[start : start + batch_size].to(device)
         z, log_det = model.forward_routed(x, t)
         s = patch_scores(z, log_det)  # (B, H, W)
-        if not torch.isfinite(s).all():
-            bad = [features.paths[start + i] for i in range(len(s)) if not torch.isfinite(s[i]).all()]
-            raise FloatingPointError(f"non-finite anomaly scores for {bad[:3]} (task {t.tolist()})")
+        require_finite(s, features.paths[start : start + len(s)], f"anomaly scores under task(s) {sorted(set(t.tolist()))}")
         patch.append(s.cpu())
         img.append(image_score(s, cfg.scoring.aggregation, cfg.scoring.top_k).cpu())
         if with_maps:

@@ -342,7 +342,7 @@ def run_add_task(model_dir: Path, specs: list[str], roots: dict[str, str], run_d
     known = {c for r in system.tasks for c in r.specs}
     for s in specs:
         if s in known or display_name(s) in {r2 for r in system.tasks for r2 in r.classes}:
-            raise ConfigError(f"class '{s}' is already a task of {model_dir}")
+            raise ConfigError(f"class '{s}' is already a task of {model_dir}; add-task takes classes the model has not learned")
     run_dir = Path(run_dir) if run_dir else model_dir.parent
     run_dir.mkdir(parents=True, exist_ok=True)
     prev_path = run_dir / "results.json"

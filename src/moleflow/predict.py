@@ -16,7 +16,7 @@ from moleflow.config import ConfigError
 from moleflow.data import DatasetError, load_image
 from moleflow.pipeline import System, load_system
 from moleflow.router import UNKNOWN
-from moleflow.scoring import anomaly_map, image_score, patch_scores
+from moleflow.scoring import anomaly_map, image_score, patch_scores, require_finite
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
@@ -39,11 +39,14 @@ def collect_images(paths: list[Path]) -> list[Path]:
 
 
 @torch.no_grad()
-def predict_batch(system: System, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def predict_batch(system: System, images: torch.Tensor, names: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """images (B, 3, S, S) in [0, 1] -> routed task (B,), image score (B,) (NaN where unknown),
-    anomaly map (B, S, S). Features, routing without a task id, flow, map and score in one pass."""
+    anomaly map (B, S, S). Features, routing without a task id, flow, map and score in one pass.
+    `names` (the files, for error messages) default to the images' places in the batch."""
     cfg, size = system.cfg, system.cfg.data.image_size
+    names = names or [f"image {i} of the batch" for i in range(len(images))]
     patches, desc = system.extractor(images.to(system.device))  # (B, H, W, C), (B, D)
+    require_finite(patches, names, "backbone features")
     nll = None
     if system.router.mode == "hybrid":
         def nll(index: torch.Tensor, tasks: torch.Tensor) -> torch.Tensor:  # noqa: E306 - closes over this batch
@@ -57,6 +60,7 @@ def predict_batch(system: System, images: torch.Tensor) -> tuple[torch.Tensor, t
         idx = known.nonzero().squeeze(1)
         z, log_det = system.model.forward_routed(patches[idx], routed[idx].to(system.device))
         s = patch_scores(z, log_det)  # (b, H, W)
+        require_finite(s, [names[i] for i in idx.tolist()], "anomaly scores")
         scores[idx] = image_score(s, cfg.scoring.aggregation, cfg.scoring.top_k).cpu()
         maps[idx] = anomaly_map(s, size, cfg.scoring.blur_sigma).cpu()
     return routed, scores, maps
@@ -78,7 +82,7 @@ def run_predict(model_dir: Path, paths: list[Path], out_dir: Path, progress: boo
     for start in tqdm(range(0, len(files), batch_size), desc="predict", disable=not progress):
         batch = files[start : start + batch_size]
         images = torch.stack([load_image(f, size) for f in batch])  # (B, 3, S, S) in [0, 1]
-        routed, scores, maps = predict_batch(system, images)
+        routed, scores, maps = predict_batch(system, images, [str(f) for f in batch])
         for i, f in enumerate(batch):
             t = int(routed[i])
             record = {"path": str(f), "task": t}

@@ -12,6 +12,20 @@ import torch
 import torch.nn.functional as F
 
 
+class ScoreError(FloatingPointError):
+    """NaN or infinite scores (or the features behind them); the message names the images."""
+
+
+def require_finite(values: torch.Tensor, names: list[str], what: str) -> None:
+    """ScoreError naming the images (first dim of `values`) whose `what` holds NaN or inf."""
+    bad = ~torch.isfinite(values.reshape(len(values), -1)).all(dim=1)
+    if bad.any():
+        listed = [names[i] for i in bad.nonzero().squeeze(1).tolist()]
+        more = f" and {len(listed) - 3} more" if len(listed) > 3 else ""
+        raise ScoreError(f"non-finite {what} (NaN or inf) for {', '.join(listed[:3])}{more}; check these images, "
+                         "and if they are fine retrain the task with a lower train.lr")
+
+
 def patch_scores(z: torch.Tensor, log_det: torch.Tensor) -> torch.Tensor:
     """½‖z‖² − log|det J| per patch (B, H, W): the NLL up to the constant C/2·log(2π)."""
     if z.dim() != 4 or tuple(log_det.shape) != tuple(z.shape[:-1]):

@@ -90,7 +90,8 @@ def _check_files(samples: list[Sample], skip_bad: bool) -> tuple[list[Sample], l
                 header_size(s.path)
         except DatasetError as exc:
             if not skip_bad:
-                raise
+                raise DatasetError(f"{exc}; remove or replace the file, or pass --skip-bad (data.skip_bad=true) to leave "
+                                   "unreadable images out") from None
             skipped.append((s.path, str(exc)))
             continue
         if s.mask_path is not None:
