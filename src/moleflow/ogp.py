@@ -13,7 +13,7 @@ mattered for the earlier tasks, and removes those directions from every later gr
 
 B stays orthonormal, so the projection is exact and idempotent. METHOD.md keeps complete parameter
 separation instead; this is here to reproduce the notes' comparison. The memory lives for one `fit`
-run (it is not saved with the model), so a finetune run with `train.ogp` cannot be resumed.
+run and is not saved with the model (baseline runs are not resumable, and add-task refuses them).
 """
 from __future__ import annotations
 
