@@ -1,6 +1,5 @@
 """Every user mistake or numerical fault ends in one line that says what is wrong and how to fix it,
 exit code 2, no traceback (issue 8, the command line)."""
-from pathlib import Path
 
 import pytest
 
