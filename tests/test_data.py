@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from conftest import write_tiny_mvtec
 from moleflow.config import DataConfig
 from moleflow.data import (
     DATASET_NAMES,
@@ -230,6 +231,7 @@ def test_error_root_class_and_unknown(tiny_mvtec: Path, tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="unknown mvtec class 'bottel'") as err:
         build_dataset(cfg_for(tiny_mvtec), "bottel", "train")
     assert all(c in str(err.value) for c in MVTEC_CLASSES)
+    assert "['bottle', 'grid']" in str(err.value)  # the class folders that are there
 
     with pytest.raises(DatasetError, match=r"data\.roots\.visa"):
         build_dataset(cfg_for(tiny_mvtec), "visa:candle", "test")
@@ -512,3 +514,26 @@ def test_real_mvtec_bottle(shared_data_dir: Path) -> None:
     good = test[[s.label for s in test.samples].index(0)]
     assert good["mask"].sum() == 0 and 0.0 <= good["image"].min() and good["image"].max() <= 1.0
     assert train[0]["mask"] is None
+
+
+def test_mvtec_layout_accepts_a_custom_class_folder(tmp_path: Path) -> None:
+    """A user's own product in MVTec layout, under a name that is not one of MVTec's fifteen."""
+    root = write_tiny_mvtec(tmp_path / "mine", ("widget",))
+    for dataset in ("mvtec", "mpdd"):
+        cfg = DataConfig(dataset=dataset, root=str(root), image_size=32)
+        train, test = build_dataset(cfg, "widget", "train"), build_dataset(cfg, "widget", "test")
+        assert len(train) == 4 and len(test) == 4
+        assert sorted(int(test[i]["label"]) for i in range(len(test))) == [0, 0, 1, 1]
+        assert all(test[i]["mask"] is not None for i in range(len(test)) if test[i]["label"] == 1)
+
+
+def test_real_kolektor_reads_as_mvtec_layout(shared_data_dir: Path) -> None:
+    root = shared_data_dir / "kolektorsdd"
+    if not (root / "kolektor").is_dir():
+        pytest.skip(f"{root / 'kolektor'} is absent")
+    cfg = DataConfig(dataset="mvtec", root=str(root), image_size=64)
+    train, test = build_dataset(cfg, "kolektor", "train"), build_dataset(cfg, "kolektor", "test")
+    assert len(train) == 237 and len(test) == 111 + 52
+    defect = next(test[i] for i in range(len(test)) if test[i]["label"] == 1)
+    assert tuple(defect["image"].shape) == (3, 64, 64) and tuple(defect["mask"].shape) == (1, 64, 64)
+    assert float(defect["mask"].sum()) > 0  # the non-square mask is resized with its image

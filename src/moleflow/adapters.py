@@ -56,6 +56,72 @@ class WhiteningAdapter(nn.Module):
         return ((self.gamma - 1.0) ** 2).mean() + (self.beta**2).mean()
 
 
+class StatsWhitening(nn.Module):
+    """u = (x − μ_t) · Wᵀ with μ_t and W fixed from task t's own training patches; log|det W| counts.
+
+    `mode` "channel": W = diag(1 / σ) per channel; "full": W = Σ^(−1/2) (ZCA), so the flow's input is
+    decorrelated too. Σ is shrunk towards its mean variance (`eps` of it) so that channels that are almost
+    constant on this product (a black background gives many) are not blown up into noise.
+
+    Unlike the LayerNorm adapter it keeps each patch's own mean and scale (a dark, flat patch stays
+    distinct from a textured one), it is an invertible affine map of the features, and it gives every
+    task's input to the shared flow the same first two moments, whatever the product. Its log-det is a
+    constant per task, added to the flow's so that scores stay the NLL of the features themselves.
+    The statistics are buffers: they belong to the task, are saved with it, and are never trained.
+    """
+
+    def __init__(self, channels: int, mode: str, eps: float) -> None:
+        super().__init__()
+        if mode not in ("channel", "full"):
+            raise ValueError(f"StatsWhitening: mode must be 'channel' or 'full', got {mode!r}")
+        if eps <= 0:
+            raise ValueError(f"StatsWhitening: eps must be > 0, got {eps}")
+        self.channels = channels
+        self.mode = mode
+        self.eps = eps
+        self.register_buffer("mean", torch.zeros(channels))
+        self.register_buffer("matrix", torch.eye(channels))  # (C_out, C_in); diagonal in "channel" mode
+        self.register_buffer("log_det", torch.zeros(()))
+
+    @torch.no_grad()
+    def fit(self, patches: torch.Tensor, chunk: int = 64) -> None:
+        """Mean and (shrunk) covariance of patches (N, H, W, C), accumulated in float64 by image chunks."""
+        c = self.channels
+        if patches.shape[-1] != c:
+            raise ValueError(f"StatsWhitening.fit: expected (N, H, W, {c}) patches, got {tuple(patches.shape)}")
+        total, s1, s2 = 0, torch.zeros(c, dtype=torch.float64), torch.zeros(c, c, dtype=torch.float64)
+        for start in range(0, patches.shape[0], chunk):
+            x = patches[start : start + chunk].reshape(-1, c).to(device="cpu", dtype=torch.float64)  # (n, C)
+            total += x.shape[0]
+            s1 += x.sum(0)
+            s2 += x.T @ x
+        if total < 2:
+            raise ValueError("StatsWhitening.fit: need at least 2 patches")
+        mean = s1 / total
+        cov = (s2 - total * torch.outer(mean, mean)) / (total - 1)  # (C, C)
+        floor = self.eps * float(torch.diagonal(cov).mean().clamp_min(1e-12))
+        if self.mode == "channel":
+            var = torch.diagonal(cov) + floor
+            matrix = torch.diag(var.rsqrt())
+            log_det = -0.5 * var.log().sum()
+        else:
+            evals, evecs = torch.linalg.eigh(cov + floor * torch.eye(c, dtype=torch.float64))
+            evals = evals.clamp_min(floor)
+            matrix = evecs @ torch.diag(evals.rsqrt()) @ evecs.T  # symmetric Σ^(−1/2)
+            log_det = -0.5 * evals.log().sum()
+        self.mean.copy_(mean.to(self.mean.dtype))
+        self.matrix.copy_(matrix.to(self.matrix.dtype))
+        self.log_det.copy_(log_det.to(self.log_det.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C) -> (B, H, W, C)
+        return (x - self.mean) @ self.matrix.T
+
+    def inverse(self, u: torch.Tensor) -> torch.Tensor:
+        """x from u: solves W (x − μ) = u (for tests and analysis, not on the scoring path)."""
+        flat = u.reshape(-1, self.channels).T  # (C, B·H·W)
+        return torch.linalg.solve(self.matrix, flat).T.reshape(u.shape) + self.mean
+
+
 class SpatialMixer(nn.Module):
     """y = x + g·(conv(x) − x): a 3×3 depthwise conv over the patch grid, blended in by a gate.
 

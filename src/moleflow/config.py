@@ -67,6 +67,11 @@ class ModelConfig:
     context_gate: bool = False  # Baseline 2.0: patch-wise gate instead of the global alpha
     context_gate_hidden: int = 64
     whitening: bool = True
+    # "layernorm": the notes' adapter, γ ⊙ LayerNorm(x) + β per patch (learned, not part of the density);
+    # "channel" / "full": a fixed affine from the task's own training statistics (per-channel σ, or full
+    # ZCA), whose log-det counts (adapters.StatsWhitening). eps: shrinkage, relative to the mean variance.
+    whitening_mode: Literal["layernorm", "channel", "full"] = "layernorm"
+    whitening_eps: float = 1e-3
     whitening_gamma_min: float = 0.5
     whitening_gamma_max: float = 2.0
     whitening_beta_max: float = 2.0
@@ -319,6 +324,7 @@ def validate(cfg: Config) -> None:
         (cfg.model.context_kernel >= 1 and cfg.model.context_kernel % 2 == 1, "model.context_kernel must be an odd number >= 1"),
         (0 < cfg.model.context_init < cfg.model.context_max, "model.context_init must lie in (0, model.context_max)"),
         (cfg.model.dia_blocks >= 0, "model.dia_blocks must be >= 0"),
+        (cfg.model.whitening_eps > 0, "model.whitening_eps must be > 0"),
         (0.0 <= cfg.loss.tail_weight <= 1.0, "loss.tail_weight must lie in [0, 1]"),
         (0.0 < cfg.loss.tail_ratio <= 1.0, "loss.tail_ratio must lie in (0, 1]"),
         (cfg.train.epochs >= 1, "train.epochs must be >= 1"),

@@ -22,7 +22,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
-from moleflow.adapters import DIA, SpatialMixer, WhiteningAdapter
+from moleflow.adapters import DIA, SpatialMixer, StatsWhitening, WhiteningAdapter
 from moleflow.config import ModelConfig
 from moleflow.flow import BaseFlow
 from moleflow.lora import LoRALinear
@@ -43,6 +43,9 @@ class MoLEFlow(nn.Module):
         if self.channels < 2:
             raise ValueError(f"MoLEFlow: the flow needs at least 2 channels, got {self.channels}")
         self.whitening = nn.ModuleDict()  # per task; stays empty with whitening off
+        # Statistics whitening acts on the raw features, before the positional encoding; the notes'
+        # LayerNorm adapter acts after it.
+        self.stats_whitening = cfg.whitening and cfg.whitening_mode != "layernorm"
         self.mixer = SpatialMixer(self.channels) if cfg.spatial_mixer else None
         self.flow = BaseFlow(self.channels, cfg)
         self.dia = nn.ModuleDict()  # per task; stays empty with dia_blocks = 0
@@ -91,7 +94,11 @@ class MoLEFlow(nn.Module):
         for layer in self._lora_layers():
             layer.add_task(key)
         cfg = self.cfg
-        if cfg.whitening:
+        if cfg.whitening and self.stats_whitening:
+            self.whitening[key] = StatsWhitening(self.in_channels, cfg.whitening_mode, cfg.whitening_eps).to(
+                device=ref.device, dtype=ref.dtype
+            )
+        elif cfg.whitening:
             self.whitening[key] = WhiteningAdapter(
                 self.channels, int(t), cfg.whitening_gamma_min, cfg.whitening_gamma_max, cfg.whitening_beta_max
             ).to(device=ref.device, dtype=ref.dtype)
@@ -144,9 +151,12 @@ class MoLEFlow(nn.Module):
             raise ValueError(
                 f"MoLEFlow expects patch features (B, H, W, {self.in_channels}) channels-last, got {tuple(x.shape)}"
             )
-        u = self.pos(x)
-        if self.cfg.whitening:
-            u = self.whitening[self._require_active()](u)
+        if self.stats_whitening:
+            u = self.pos(self.whitening[self._require_active()](x))
+        else:
+            u = self.pos(x)
+            if self.cfg.whitening:
+                u = self.whitening[self._require_active()](u)
         if self.mixer is not None:
             u = self.mixer(u)
         return u
@@ -168,8 +178,20 @@ class MoLEFlow(nn.Module):
         return u, log_det + ld
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Under the active task: x (B, H, W, C) -> (z (B, H, W, C'), log_det (B, H, W))."""
-        return self.flow_forward(self.prepare(x))
+        """Under the active task: x (B, H, W, C) -> (z (B, H, W, C'), log_det (B, H, W)).
+
+        With statistics whitening its constant log-det is included, so ½‖z‖² − log_det is the NLL of
+        the features x (comparable between tasks, as the hybrid router needs).
+        """
+        z, log_det = self.flow_forward(self.prepare(x))
+        if self.stats_whitening:
+            log_det = log_det + self.whitening[self._require_active()].log_det
+        return z, log_det
+
+    def fit_statistics(self, t: int, patches: torch.Tensor) -> None:
+        """Fix task t's statistics whitening from its training patches (N, H, W, C); no-op otherwise."""
+        if self.stats_whitening:
+            self.whitening[self._key(t)].fit(patches)
 
     def forward_routed(self, x: torch.Tensor, task_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each image under its own task: one sub-batch per distinct task, results scattered back."""
@@ -228,7 +250,7 @@ class MoLEFlow(nn.Module):
     def regularization(self, t: int) -> torch.Tensor:
         """Task 0's whitening identity regulariser (unweighted); 0 for other tasks or without whitening."""
         key = self._key(t)
-        if int(t) == 0 and key in self.whitening:
+        if int(t) == 0 and key in self.whitening and not self.stats_whitening:
             return self.whitening[key].identity_regularization()
         return torch.zeros((), device=self.device)
 

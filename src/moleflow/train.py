@@ -81,10 +81,12 @@ def fit_task(
     `memory` (the finetune baseline with train.ogp) removes earlier tasks' gradient directions from
     every step's gradients.
     """
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.fit_statistics(task, features.patches)  # statistics whitening: fixed before training
     params = model.set_trainable(task)
     if not params:
+        model.load_state_dict(before)
         raise TrainingError(f"task {task} has no trainable parameters (check the model config)")
-    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     n = len(features)
     bs = min(train_cfg.batch_size, n)

@@ -107,8 +107,16 @@ def build_dataset(cfg: DataConfig, class_spec: str, split: Literal["train", "tes
     dataset, class_name = parse_class_spec(class_spec, cfg.dataset)
     root = _resolve_root(cfg, dataset)
     known = _CLASSES[dataset]
-    if known and class_name not in known:
-        raise DatasetError(f"unknown {dataset} class '{class_name}' (from '{class_spec}'); known classes: {known}")
+    # MVTec-layout datasets take any class folder that exists (a user's own product, e.g. kolektor);
+    # the known names serve named scenarios and the message when a folder is missing.
+    open_layout = dataset in ("mvtec", "mpdd") and root is not None and (root / class_name).is_dir()
+    if known and class_name not in known and not open_layout:
+        present = sorted(p.name for p in root.iterdir() if p.is_dir()) if root is not None else []
+        where = f"; class folders in {root}: {present}" if root is not None else ""
+        raise DatasetError(
+            f"unknown {dataset} class '{class_name}' (from '{class_spec}'): no folder {class_name} in the root"
+            f"{where}; known classes: {known}"
+        )
 
     if dataset in ("mvtec", "mpdd"):
         assert root is not None
