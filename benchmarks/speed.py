@@ -125,7 +125,7 @@ def predict_stages(system: System, images: torch.Tensor, repeats: int) -> dict[s
         t2 = time.perf_counter()
         # Images routed to "unknown" (router.unknown) are scored under task 0 here: timing only.
         z, log_det = system.model.forward_routed(patches, routed.clamp(min=0).to(system.device))
-        s = patch_scores(z, log_det)
+        s = patch_scores(z, log_det, cfg.scoring.patch_score)
         t3 = time.perf_counter()
         anomaly_map(s, size, cfg.scoring.blur_sigma).cpu()
         t4 = time.perf_counter()

@@ -108,12 +108,15 @@ def test_shapes_come_from_feature_info(which: str, request: pytest.FixtureReques
     fe: FeatureExtractor = request.getfixturevalue(which)
     reference = timm.create_model(fe.cfg.name, features_only=True, out_indices=fe.cfg.layers, pretrained=False)
     channels, strides = reference.feature_info.channels(), reference.feature_info.reduction()
-    assert fe.out_channels == sum(channels) == fe.desc_dim
+    assert fe.out_channels == sum(channels) and fe.desc_dim == 2 * fe.out_channels  # [mean, log std] per channel
     assert fe.grid == (64 // strides[0], 64 // strides[0])
     patches, desc = fe(images(2))
     assert patches.shape == (2, *fe.grid, fe.out_channels) and patches.dtype == torch.float32
     assert desc.shape == (2, fe.desc_dim) and desc.dtype == torch.float32
     assert torch.isfinite(patches).all() and torch.isfinite(desc).all()
+    flat = patches.flatten(1, 2)  # (B, H·W, C): the descriptor summarises exactly these patches
+    torch.testing.assert_close(desc[:, : fe.out_channels], flat.mean(1))
+    torch.testing.assert_close(desc[:, fe.out_channels :].exp(), flat.std(1) + 1e-4, rtol=1e-4, atol=1e-6)
     ident = fe.identity()
     assert ident["grid"] == list(fe.grid) and ident["out_channels"] == fe.out_channels and ident["layers"] == fe.cfg.layers
 
@@ -132,7 +135,7 @@ def test_merge_upsamples_deeper_maps_to_the_first_grid(lite0_auto: FeatureExtrac
     h, w = maps[0].shape[-2:]
     expected = torch.cat([maps[0]] + [F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False) for m in maps[1:]], 1)
     torch.testing.assert_close(patches, expected.permute(0, 2, 3, 1), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(desc, patches.mean(dim=(1, 2)))
+    torch.testing.assert_close(desc[:, : patches.shape[-1]], patches.mean(dim=(1, 2)))
 
 
 def test_local_average_and_projection() -> None:
@@ -144,13 +147,13 @@ def test_local_average_and_projection() -> None:
     torch.testing.assert_close(smooth, ref, rtol=1e-4, atol=1e-4)
 
     proj_fe = FeatureExtractor(lite0([2, 3], local_avg=3, embed_dim=64), 64)
-    assert proj_fe.out_channels == proj_fe.desc_dim == 64
+    assert proj_fe.out_channels == 64 and proj_fe.desc_dim == 128
     assert not list(proj_fe.parameters()) or all(not p.requires_grad for p in proj_fe.parameters())
     proj, desc = proj_fe(x)
-    assert proj.shape == (2, *smooth_fe.grid, 64) and desc.shape == (2, 64)
+    assert proj.shape == (2, *smooth_fe.grid, 64) and desc.shape == (2, 128)
     pooled = F.adaptive_avg_pool1d(smooth.reshape(-1, 1, smooth.shape[-1]), 64).reshape(proj.shape)
     torch.testing.assert_close(proj, pooled, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(desc, proj.mean(dim=(1, 2)))
+    torch.testing.assert_close(desc[:, :64], proj.mean(dim=(1, 2)))
     # deterministic: the same images give the same features
     assert torch.equal(proj_fe(x)[0], proj)
 

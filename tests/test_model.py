@@ -291,3 +291,40 @@ def test_positional_encoding_modes():
     assert len(cat.state_dict()) == 0  # deterministic: nothing to checkpoint
     with pytest.raises(ValueError, match="pos_encoding"):
         PositionalEncoding("learned", 6, 5)
+
+
+@pytest.mark.parametrize("mode", ["channel", "full"])
+def test_statistics_whitening_is_per_task_counted_and_never_changes_old_tasks(mode):
+    from moleflow.config import TrainConfig
+    from moleflow.features import FeatureSet
+    from moleflow.train import fit_task
+
+    def feature_set(x: torch.Tensor) -> FeatureSet:
+        n = len(x)
+        return FeatureSet(x, x.mean(dim=(1, 2)), torch.zeros(n, dtype=torch.long), None, [f"i{i}" for i in range(n)], ["c"] * n)
+
+    torch.manual_seed(0)
+    model = MoLEFlow(dataclasses.replace(TINY, whitening_mode=mode), C)
+    x0, x1 = features(b=6, seed=1), features(b=6, seed=2) * 0.3 + 4.0  # two products, far apart
+    train = TrainConfig(epochs=2, batch_size=3, lr=1e-2)
+    model.add_task(0)
+    fit_task(model, 0, feature_set(x0), train, LOSS, torch.device("cpu"), progress=False)
+    shared_before = {k: v.clone() for k, v in model.shared_state_dict().items()}
+    task0_before = {k: v.clone() for k, v in model.task_state_dict(0).items()}
+    assert {"whitening.0.mean", "whitening.0.matrix", "whitening.0.log_det"} <= set(task0_before)  # saved with the task
+    model.add_task(1)
+    fit_task(model, 1, feature_set(x1), train, LOSS, torch.device("cpu"), progress=False)
+    for name, value in model.shared_state_dict().items():
+        assert torch.equal(value, shared_before[name]), name
+    for name, value in model.task_state_dict(0).items():
+        assert torch.equal(value, task0_before[name]), name
+    # each task standardises with its own product's statistics
+    for t, x in ((0, x0), (1, x1)):
+        u = model.whitening[str(t)](x).reshape(-1, C)
+        torch.testing.assert_close(u.mean(0), torch.zeros(C), atol=1e-4, rtol=0)
+    # the score is the NLL of the features: the flow's log-det plus the whitening's constant
+    with torch.no_grad(), model.use_task(1):
+        z, ld = model(x1)
+        z_flow, ld_flow = model.flow_forward(model.prepare(x1))
+    assert torch.equal(z, z_flow)
+    torch.testing.assert_close(ld - ld_flow, model.whitening["1"].log_det.expand_as(ld))

@@ -1,12 +1,19 @@
 import torch
 
-from moleflow.router import UNKNOWN, Prototype, TaskRouter, fit_prototype
+import pytest
+
+from moleflow.router import UNKNOWN, Prototype, TaskRouter, fit_prototype, select_descriptor
+
+
+def desc(x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+    """Extractor-layout descriptors [mean part, log-std part] (B, 2D); `other` fills the log-std part."""
+    return torch.cat([x, torch.zeros_like(x) if other is None else other], dim=1)
 
 
 def _clusters(n=60, d=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     centres = [torch.zeros(d), torch.full((d,), 3.0), torch.linspace(-3, 3, d)]
-    return [c + torch.randn(n, d, generator=g) for c in centres]
+    return [desc(c + torch.randn(n, d, generator=g)) for c in centres]
 
 
 def test_mahalanobis_routing_batched():
@@ -27,10 +34,10 @@ def test_mahalanobis_uses_the_covariance():
     a = torch.randn(500, 2, generator=g) * torch.tensor([10.0, 0.1])
     b = torch.randn(500, 2, generator=g) * 0.1 + torch.tensor([6.0, 1.0])
     r = TaskRouter()
-    r.add_task(0, a)
-    r.add_task(1, b)
-    x = torch.tensor([[6.0, 0.0]])
-    assert (x - a.mean(0)).norm() > (x - b.mean(0)).norm()  # Euclidean says task 1
+    r.add_task(0, desc(a))
+    r.add_task(1, desc(b))
+    x = desc(torch.tensor([[6.0, 0.0]]))
+    assert (x[:, :2] - a.mean(0)).norm() > (x[:, :2] - b.mean(0)).norm()  # Euclidean says task 1
     assert int(r.route(x)[0]) == 0
 
 
@@ -42,7 +49,7 @@ def test_oracle_and_unknown():
     for t, x in enumerate(train[:2]):
         r.add_task(t, x)
     assert (r.route(_clusters(seed=3)[0]) == 0).float().mean() > 0.9
-    far = torch.full((5, 16), 50.0)
+    far = desc(torch.full((5, 16), 50.0))
     assert (r.route(far) == UNKNOWN).all()
 
 
@@ -63,9 +70,10 @@ def test_hybrid_picks_lower_nll_among_top2():
 
 
 def test_prototype_round_trip():
-    p = fit_prototype(_clusters()[0])
+    p = fit_prototype(_clusters()[0][:, :16], shrinkage=0.5)
     q = Prototype.from_tensors(p.to_tensors())
     assert torch.equal(p.mean, q.mean) and torch.equal(p.precision, q.precision) and p.threshold == q.threshold
+    assert p.log_det == q.log_det
 
 
 def test_calibrated_routing_compares_in_threshold_units():
@@ -80,3 +88,40 @@ def test_calibrated_routing_compares_in_threshold_units():
     r.prototypes[2].threshold = 1e-9
     assert not (r.route(_clusters(seed=6)[2]) == 2).any()
     assert (r.route(_clusters(seed=6)[0]) == 0).all()
+
+
+def test_descriptor_choice_routes_on_its_own_statistic():
+    g = torch.Generator().manual_seed(0)
+    same_mean = torch.randn(3, 80, 8, generator=g)  # the means of the three tasks look alike ...
+    spread = [torch.randn(80, 8, generator=g) * 0.2 + 2.0 * t for t in range(3)]  # ... their log stds do not
+    r_std, r_mean = TaskRouter(descriptor="log_std"), TaskRouter(descriptor="mean")
+    for t in range(3):
+        r_std.add_task(t, desc(same_mean[t], spread[t]))
+        r_mean.add_task(t, desc(same_mean[t], spread[t]))
+    test = [desc(torch.randn(40, 8, generator=g), torch.randn(40, 8, generator=g) * 0.2 + 2.0 * t) for t in range(3)]
+    assert all((r_std.route(x) == t).all() for t, x in enumerate(test))
+    assert sum(float((r_mean.route(x) == t).float().mean()) for t, x in enumerate(test)) / 3 < 0.7  # near chance
+    torch.testing.assert_close(select_descriptor(test[0], "log_std"), test[0][:, 8:])
+    with pytest.raises(ValueError, match="router.descriptor"):
+        select_descriptor(test[0], "max")
+
+
+def test_fixed_shrinkage_and_likelihood_rule():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 4, generator=g) * torch.tensor([3.0, 1.0, 1.0, 0.5])
+    p = fit_prototype(x, shrinkage=0.7)
+    s = torch.cov(x.double().T)
+    cov = 0.3 * s + 0.7 * (torch.trace(s) / 4) * torch.eye(4, dtype=torch.float64)
+    torch.testing.assert_close(p.precision, torch.linalg.inv(cov), rtol=1e-6, atol=1e-9)
+    assert p.log_det == pytest.approx(float(torch.logdet(cov)), rel=1e-6)
+    # Likelihood: a broad task and a narrow one at the same squared distance -> the narrow one explains the
+    # image better (its density is higher there); plain Mahalanobis cannot tell them apart.
+    broad, narrow = torch.randn(500, 2, generator=g) * 4.0, torch.randn(500, 2, generator=g) + torch.tensor([14.0, 0.0])
+    r_lik, r_dist = TaskRouter(shrinkage=0.0, likelihood=True), TaskRouter(shrinkage=0.0, likelihood=False)
+    for r in (r_lik, r_dist):
+        r.add_task(0, desc(broad))
+        r.add_task(1, desc(narrow))
+    probe = desc(torch.tensor([[11.0, 0.0]]))  # d² ≈ 121/16 ≈ 7.6 to the broad, ≈ 9 to the narrow
+    d = r_lik.distances(probe)[0]
+    assert float(d[0]) < float(d[1]) < float(d[0]) + r_lik.prototypes[0].log_det - r_lik.prototypes[1].log_det
+    assert int(r_dist.route(probe)[0]) == 0 and int(r_lik.route(probe)[0]) == 1

@@ -7,9 +7,17 @@ from scipy import ndimage
 from moleflow.scoring import anomaly_map, gaussian_blur, gaussian_kernel1d, image_score, patch_scores
 
 
-def test_patch_scores():
-    z, ld = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4)
-    torch.testing.assert_close(patch_scores(z, ld), 0.5 * (z**2).sum(-1) - ld)
+def test_patch_scores_nll_is_the_gaussian_negative_log_likelihood():
+    z, ld = torch.randn(2, 3, 4, 5, dtype=torch.float64), torch.randn(2, 3, 4, dtype=torch.float64)
+    # change of variables: −log p(x) = −log N(z; 0, I) − log|det J|, up to the constant C/2·log(2π)
+    log_normal = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
+    const = 0.5 * 5 * np.log(2 * np.pi)
+    torch.testing.assert_close(patch_scores(z, ld, "nll") + const, -(log_normal + ld))
+    # the latent score ignores the flow's volume change: shifting log_det changes nothing
+    torch.testing.assert_close(patch_scores(z, ld, "latent"), patch_scores(z, ld + 3.0, "latent"))
+    torch.testing.assert_close(patch_scores(z, ld, "latent") + const, -log_normal)
+    with pytest.raises(ValueError, match="patch_score"):
+        patch_scores(z, ld, "both")
 
 
 def test_image_score_aggregations():

@@ -248,13 +248,31 @@ def create_classifier(name: str, weights: str) -> tuple[nn.Module, str, Path | N
 # --------------------------------------------------------------------------- the extractor
 
 
+# What `image_descriptors` computes; part of the extractor identity (feature cache keys, saved models).
+DESCRIPTOR = "mean+log_std"
+LOG_STD_EPS = 1e-4
+
+
+def image_descriptors(patches: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) -> (B, 2C): per channel, the mean over the patches and the log of their std.
+
+    The mean is the notes' descriptor. The log std is a texture statistic: how much each channel varies
+    over the image. A defect covers a minority of the patches and moves the mean along directions in
+    which the product's good images hardly vary; it changes the spread far less (docs/localization.md,
+    routing).
+    """
+    flat = patches.flatten(1, 2)  # (B, H·W, C)
+    std = flat.std(dim=1) if flat.shape[1] > 1 else torch.zeros_like(flat[:, 0])
+    return torch.cat([flat.mean(dim=1), torch.log(std + LOG_STD_EPS)], dim=1)
+
+
 class FeatureExtractor(nn.Module):
     """Frozen timm backbone -> merged multi-scale patch features (B,H,W,C) and descriptors (B,D).
 
     Images come in as RGB floats in [0, 1]; the extractor normalises them with the backbone's own
     ImageNet mean/std. Deeper maps are upsampled (bilinear) to the grid of the first chosen layer,
     concatenated, averaged over a local k x k neighbourhood and optionally pooled over channels to
-    ``cfg.embed_dim`` (parameter free). The descriptor is the global average of the patch features.
+    ``cfg.embed_dim`` (parameter free). The descriptor holds the patch features' mean and log std.
     """
 
     def __init__(self, cfg: BackboneConfig, image_size: int, device: torch.device | str = "cpu") -> None:
@@ -306,7 +324,8 @@ class FeatureExtractor(nn.Module):
             )
         self.merged_channels = merged
         self.out_channels: int = cfg.embed_dim if cfg.embed_dim > 0 else merged
-        self.desc_dim: int = self.out_channels
+        # Descriptor = [mean over patches (C), log std over patches (C)]; the router picks its part.
+        self.desc_dim: int = 2 * self.out_channels
         self.channels_last = bool(cfg.channels_last)
         self.to(device)
         if self.channels_last:
@@ -374,7 +393,7 @@ class FeatureExtractor(nn.Module):
             x = F.adaptive_avg_pool1d(x.reshape(-1, 1, self.merged_channels), self.cfg.embed_dim)
             x = x.reshape(b, h, w, self.cfg.embed_dim)  # (B, H, W, C)
         patches = x.contiguous().float()  # (B, H, W, C)
-        descriptors = patches.mean(dim=(1, 2))  # (B, D)
+        descriptors = image_descriptors(patches)  # (B, 2C)
         return patches, descriptors
 
     def identity(self) -> dict:
@@ -386,6 +405,7 @@ class FeatureExtractor(nn.Module):
                 "image_size": self.image_size,
                 "embed_dim": int(self.cfg.embed_dim),
                 "local_avg": int(self.cfg.local_avg),
+                "descriptor": DESCRIPTOR,
                 "out_channels": int(self.out_channels),
                 "grid": list(self.grid),
                 "weights": self.weights_source,

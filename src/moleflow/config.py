@@ -115,6 +115,8 @@ class TrainConfig:
 
 @dataclass
 class ScoringConfig:
+    # "nll": ½‖z‖² − log|det J| (the notes); "latent": ½‖z‖² (FastFlow's map). See scoring.patch_scores.
+    patch_score: Literal["nll", "latent"] = "nll"
     aggregation: Literal["topk", "max", "mean"] = "topk"
     top_k: int = 3
     blur_sigma: float = 4.0
@@ -129,6 +131,11 @@ class RouterConfig:
     unknown: bool = False  # answer "unknown" beyond the per-task distance threshold
     unknown_quantile: float = 0.99
     calibrated: bool = False  # compare tasks in units of each task's own distance threshold
+    # The descriptor's statistic over the patches: "log_std" (texture; robust to defects) or "mean" (the notes').
+    descriptor: Literal["mean", "log_std"] = "log_std"
+    # Covariance shrinkage: -1 = Ledoit-Wolf (the notes'); λ in [0, 1]: (1 − λ)·S + λ·mean variance·I.
+    shrinkage: float = 0.7
+    likelihood: bool = True  # compare tasks by distance + log|Σ_t| (Gaussian likelihood); false: distance alone
 
 
 @dataclass
@@ -333,6 +340,7 @@ def validate(cfg: Config) -> None:
         (cfg.scoring.top_k >= 1, "scoring.top_k must be >= 1"),
         (0.0 < cfg.scoring.threshold_quantile <= 1.0, "scoring.threshold_quantile must lie in (0, 1]"),
         (cfg.router.hybrid_top_k >= 2, "router.hybrid_top_k must be >= 2"),
+        (cfg.router.shrinkage == -1.0 or 0.0 <= cfg.router.shrinkage <= 1.0, "router.shrinkage must be -1 (Ledoit-Wolf) or lie in [0, 1]"),
         (not cfg.train.ogp or cfg.method == "finetune",
          "train.ogp needs method: finetune (with moleflow no earlier task's weight ever trains again); set method=finetune or train.ogp=false"),
         (0.0 < cfg.train.ogp_threshold <= 1.0, "train.ogp_threshold must lie in (0, 1]"),

@@ -48,7 +48,7 @@ def score_features(
         x = features.patches[start : start + batch_size].to(device=device, dtype=torch.float32)  # (B, H, W, C)
         t = tasks[start : start + batch_size].to(device)
         z, log_det = model.forward_routed(x, t)
-        s = patch_scores(z, log_det)  # (B, H, W)
+        s = patch_scores(z, log_det, cfg.scoring.patch_score)  # (B, H, W)
         require_finite(s, features.paths[start : start + len(s)], f"anomaly scores under task(s) {sorted(set(t.tolist()))}")
         patch.append(s.cpu())
         img.append(image_score(s, cfg.scoring.aggregation, cfg.scoring.top_k).cpu())

@@ -59,7 +59,7 @@ def predict_batch(system: System, images: torch.Tensor, names: list[str] | None 
     if known.any():
         idx = known.nonzero().squeeze(1)
         z, log_det = system.model.forward_routed(patches[idx], routed[idx].to(system.device))
-        s = patch_scores(z, log_det)  # (b, H, W)
+        s = patch_scores(z, log_det, cfg.scoring.patch_score)  # (b, H, W)
         require_finite(s, [names[i] for i in idx.tolist()], "anomaly scores")
         scores[idx] = image_score(s, cfg.scoring.aggregation, cfg.scoring.top_k).cpu()
         maps[idx] = anomaly_map(s, size, cfg.scoring.blur_sigma).cpu()

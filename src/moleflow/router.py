@@ -1,9 +1,17 @@
 """Task router: which learned task does a test image belong to? (METHOD.md §2)
 
-Each task keeps a Gaussian prototype of the image descriptors (global-average-pooled backbone features)
-of its training images: a mean and a Ledoit-Wolf shrinkage covariance, stored as its precision matrix.
-A test image goes to the task with the smallest Mahalanobis distance. Nothing of a task's images is kept,
-only these two tensors, so routing respects the no-replay rule.
+Each task keeps a Gaussian prototype of an image descriptor of its training images: a mean and a
+shrinkage covariance, stored as its precision matrix and log-determinant. Nothing of a task's images is
+kept, only these tensors, so routing respects the no-replay rule.
+
+The notes' router (`descriptor: mean`, `shrinkage: -1` = Ledoit-Wolf, `likelihood: false`) sends an image
+to the task with the smallest Mahalanobis distance of its global-average-pooled features. A defect moves
+that mean along directions in which the product's good images hardly vary, so defective images stray
+to another product (ELPV: a third of the defective mono cells went to poly). The default instead uses
+the log std of the patch features over the image (a texture statistic that a defect changes little),
+a fixed strong shrinkage towards the mean variance, and compares tasks by Gaussian likelihood
+(distance + log-determinant), so a broad task does not collect every unusual image
+(docs/localization.md, routing).
 """
 from __future__ import annotations
 
@@ -17,38 +25,63 @@ from sklearn.covariance import LedoitWolf
 UNKNOWN = -1  # the routed task of an image no learned task explains (router.unknown = true)
 
 
+DESCRIPTORS = ("mean", "log_std")
+
+
+def select_descriptor(descriptors: torch.Tensor, kind: str) -> torch.Tensor:
+    """The router's part of the extractor's descriptors (B, 2C) = [mean (C), log std (C)]."""
+    if kind not in DESCRIPTORS:
+        raise ValueError(f"router.descriptor must be one of {list(DESCRIPTORS)}, got {kind!r}")
+    c = descriptors.shape[1] // 2
+    return descriptors[:, :c] if kind == "mean" else descriptors[:, c:]
+
+
 @dataclass
 class Prototype:
     mean: torch.Tensor  # (D,) float64
     precision: torch.Tensor  # (D, D) float64, inverse of the shrinkage covariance
     threshold: float  # squared distance above which an image is "unknown" for this task
+    log_det: float  # log|Σ| of the shrinkage covariance (the likelihood comparison's penalty)
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         return {
             "router.mean": self.mean,
             "router.precision": self.precision,
             "router.threshold": torch.tensor([self.threshold], dtype=torch.float64),
+            "router.log_det": torch.tensor([self.log_det], dtype=torch.float64),
         }
 
     @staticmethod
     def from_tensors(tensors: dict[str, torch.Tensor]) -> "Prototype":
         return Prototype(
-            tensors["router.mean"].double(), tensors["router.precision"].double(), float(tensors["router.threshold"][0])
+            tensors["router.mean"].double(), tensors["router.precision"].double(), float(tensors["router.threshold"][0]),
+            float(tensors["router.log_det"][0]),
         )
 
 
-def fit_prototype(descriptors: torch.Tensor, quantile: float = 0.99) -> Prototype:
-    """Mean and Ledoit-Wolf precision of a task's training descriptors (N, D)."""
+def fit_prototype(descriptors: torch.Tensor, quantile: float = 0.99, shrinkage: float = -1.0) -> Prototype:
+    """Mean and shrinkage precision of a task's training descriptors (N, D).
+
+    `shrinkage` < 0: Ledoit-Wolf's data-chosen intensity (the notes'); λ in [0, 1]: (1 − λ)·S + λ·(tr S / D)·I.
+    """
     x = descriptors.detach().double().cpu().numpy()
     if x.shape[0] < 2:
         raise ValueError("a task needs at least 2 training images to fit its routing prototype")
-    lw = LedoitWolf().fit(x)
-    mean = torch.from_numpy(lw.location_)
-    precision = torch.from_numpy(lw.precision_)
-    d = _sq_mahalanobis(torch.from_numpy(x), mean, precision)
+    if shrinkage < 0:
+        lw = LedoitWolf().fit(x)
+        mean, cov = lw.location_, lw.covariance_
+    else:
+        mean = x.mean(axis=0)
+        sample = np.atleast_2d(np.cov(x, rowvar=False))
+        d = sample.shape[0]
+        cov = (1.0 - shrinkage) * sample + shrinkage * (np.trace(sample) / d) * np.eye(d)
+    cov = cov + 1e-12 * max(np.trace(cov) / cov.shape[0], 1e-12) * np.eye(cov.shape[0])  # never singular
+    sign, log_det = np.linalg.slogdet(cov)
+    mean_t, precision = torch.from_numpy(np.asarray(mean)), torch.from_numpy(np.linalg.inv(cov))
+    dist = _sq_mahalanobis(torch.from_numpy(x), mean_t, precision)
     # In-sample distances are optimistic, so the unknown threshold is a high quantile with a margin.
-    threshold = float(np.quantile(d.numpy(), quantile)) * 1.5
-    return Prototype(mean, precision, threshold)
+    threshold = float(np.quantile(dist.numpy(), quantile)) * 1.5
+    return Prototype(mean_t, precision, threshold, float(log_det))
 
 
 def _sq_mahalanobis(x: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
@@ -60,9 +93,14 @@ class TaskRouter:
     """Batched Mahalanobis routing with the `oracle`, `hybrid` and `unknown` options of the config."""
 
     def __init__(self, mode: str = "mahalanobis", hybrid_top_k: int = 2, unknown: bool = False, unknown_quantile: float = 0.99,
-                 calibrated: bool = False):
+                 calibrated: bool = False, descriptor: str = "mean", shrinkage: float = -1.0, likelihood: bool = False):
         if mode not in ("mahalanobis", "oracle", "hybrid"):
             raise ValueError(f"router mode must be mahalanobis, oracle or hybrid, not {mode!r}")
+        if descriptor not in DESCRIPTORS:
+            raise ValueError(f"router descriptor must be one of {list(DESCRIPTORS)}, not {descriptor!r}")
+        self.descriptor = descriptor
+        self.shrinkage = shrinkage
+        self.likelihood = likelihood
         self.mode = mode
         self.hybrid_top_k = hybrid_top_k
         self.unknown = unknown
@@ -77,17 +115,21 @@ class TaskRouter:
     def add_task(self, task: int, descriptors: torch.Tensor) -> None:
         if task in self.prototypes:
             raise ValueError(f"the router already has task {task}")
-        self.prototypes[task] = fit_prototype(descriptors, self.unknown_quantile)
+        self.prototypes[task] = fit_prototype(select_descriptor(descriptors, self.descriptor), self.unknown_quantile,
+                                              self.shrinkage)
 
     def set_prototype(self, task: int, proto: Prototype) -> None:
         self.prototypes[task] = proto
 
     def distances(self, descriptors: torch.Tensor) -> torch.Tensor:
-        """Squared Mahalanobis distance of each image to each task: (B, T)."""
+        """Squared Mahalanobis distance of each image (extractor descriptors (B, 2C)) to each task: (B, T)."""
         tasks = sorted(self.prototypes)
-        return torch.stack(
-            [_sq_mahalanobis(descriptors, self.prototypes[t].mean, self.prototypes[t].precision) for t in tasks], dim=1
-        )
+        x = select_descriptor(descriptors, self.descriptor)
+        return torch.stack([_sq_mahalanobis(x, self.prototypes[t].mean, self.prototypes[t].precision) for t in tasks], dim=1)
+
+    def _penalties(self) -> torch.Tensor:
+        """(T,) log|Σ_t|, added to the squared distance with `likelihood` (−2 log N(d; μ_t, Σ_t) + const)."""
+        return torch.tensor([self.prototypes[t].log_det for t in sorted(self.prototypes)], dtype=torch.float64)
 
     def route(
         self,
@@ -108,12 +150,18 @@ class TaskRouter:
             raise ValueError("the router has no tasks yet")
         tasks = torch.tensor(sorted(self.prototypes), dtype=torch.long)
         thresholds = torch.tensor([self.prototypes[int(t)].threshold for t in tasks], dtype=torch.float64)
-        d = self.distances(descriptors) / thresholds  # (B, T) in units of each task's own threshold
+        dist = self.distances(descriptors)  # (B, T)
+        d = dist / thresholds  # (B, T) in units of each task's own threshold
         # `calibrated`: compare tasks in those units. A prototype fitted on N images in D dimensions
         # sees its own images closer than new ones by a factor that depends on N/D; on ELPV this
         # routed defective mono cells to poly less often (80% -> 85% of mono test cells right), but
-        # the quantile is a noisy scale with few images, so plain Mahalanobis (the notes') is the default.
-        choice = d if self.calibrated else self.distances(descriptors)
+        # the quantile is a noisy scale with few images. `likelihood`: distance + log|Σ_t|.
+        if self.calibrated:
+            choice = d
+        elif self.likelihood:
+            choice = dist + self._penalties()
+        else:
+            choice = dist
         routed = tasks[choice.argmin(dim=1)]
         if self.mode == "hybrid" and len(tasks) > 1:
             if task_nll is None:

@@ -26,11 +26,22 @@ def require_finite(values: torch.Tensor, names: list[str], what: str) -> None:
                          "and if they are fine retrain the task with a lower train.lr")
 
 
-def patch_scores(z: torch.Tensor, log_det: torch.Tensor) -> torch.Tensor:
-    """½‖z‖² − log|det J| per patch (B, H, W): the NLL up to the constant C/2·log(2π)."""
+def patch_scores(z: torch.Tensor, log_det: torch.Tensor, kind: str = "nll") -> torch.Tensor:
+    """Per patch (B, H, W): "nll" = ½‖z‖² − log|det J|, the NLL up to the constant C/2·log(2π) (the notes');
+    "latent" = ½‖z‖² alone, FastFlow's map: how far the patch lands from the latent Gaussian's centre.
+
+    The log-det measures how much the flow stretches space at the patch. It belongs in a likelihood (and
+    in the hybrid router, which compares likelihoods between tasks), but as a map it mostly varies with
+    the flow's local geometry, not with how unusual the patch is (docs/localization.md measures both).
+    """
     if z.dim() != 4 or tuple(log_det.shape) != tuple(z.shape[:-1]):
         raise ValueError(f"expected z (B, H, W, C) and log_det (B, H, W); got {tuple(z.shape)} and {tuple(log_det.shape)}")
-    return 0.5 * z.pow(2).sum(dim=-1) - log_det
+    half_sq = 0.5 * z.pow(2).sum(dim=-1)
+    if kind == "nll":
+        return half_sq - log_det
+    if kind == "latent":
+        return half_sq
+    raise ValueError(f"scoring.patch_score must be 'nll' or 'latent', got {kind!r}")
 
 
 def gaussian_kernel1d(sigma: float, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> torch.Tensor:
