@@ -8,7 +8,10 @@ from moleflow.loss import tail_aware_loss
 from moleflow.model import MoLEFlow
 
 C = 8
-TINY = ModelConfig(coupling_blocks=2, lora_rank=2, context_kernel=3, dia_blocks=2, dia_hidden_ratio=1.0)
+# The seeds' adapter (LayerNorm whitening, added positional encoding): most tests below are about it;
+# the statistics whitening of the default model has its variants and its own test at the end.
+TINY = ModelConfig(coupling_blocks=2, lora_rank=2, context_kernel=3, dia_blocks=2, dia_hidden_ratio=1.0,
+                   whitening_mode="layernorm", pos_encoding="add")
 LOSS = LossConfig(tail_weight=0.7, tail_ratio=0.1, lambda_logdet=1e-2)
 
 
@@ -49,6 +52,8 @@ VARIANTS = {
     "concat_pos": {"pos_encoding": "concat", "pos_encoding_dim": 4},
     "no_pos": {"pos_encoding": "none"},
     "one_block_k5": {"coupling_blocks": 1, "context_kernel": 5, "lora_rank": 3},
+    "stats_full": {"whitening_mode": "full", "pos_encoding": "none"},  # the default model's adapter
+    "stats_channel": {"whitening_mode": "channel"},
 }
 
 
@@ -57,6 +62,8 @@ def test_model_flow_is_invertible_for_two_tasks(variant):
     model = make_model(**VARIANTS[variant])
     randomize_(model.parameters())
     x = features()
+    for t in (0, 1):
+        model.fit_statistics(t, features(b=5, seed=10 + t))  # statistics whitening: each task its own
     c_out = C + 4 if variant == "concat_pos" else C
     assert model.channels == c_out
     for t in (0, 1):
@@ -68,7 +75,8 @@ def test_model_flow_is_invertible_for_two_tasks(variant):
             torch.testing.assert_close(u2, u, atol=1e-4, rtol=0)
             torch.testing.assert_close(ld_inv, -ld, atol=1e-4, rtol=1e-5)
             z2, ld2 = model(x)
-            assert torch.equal(z2, z) and torch.equal(ld2, ld)
+            const = model.whitening[str(t)].log_det if model.stats_whitening else 0.0  # counted in the score
+            assert torch.equal(z2, z) and torch.equal(ld2, ld + const)
 
 
 def test_fresh_task_starts_at_the_shared_flow():
