@@ -16,7 +16,7 @@ DESIGN_CHANGES = {
     "model.pos_encoding": ("concat", "add"),
     "train.lr": (1e-3, 3e-4),
     "scoring.patch_score": ("latent", "nll"),
-    "router.descriptor": ("log_std", "mean"),
+    "router.descriptor": ("log_rms", "mean"),
     "router.shrinkage": (0.7, -1.0),
     "router.likelihood": (True, False),
 }

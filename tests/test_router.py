@@ -6,7 +6,7 @@ from moleflow.router import UNKNOWN, Prototype, TaskRouter, fit_prototype, selec
 
 
 def desc(x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
-    """Extractor-layout descriptors [mean part, log-std part] (B, 2D); `other` fills the log-std part."""
+    """Extractor-layout descriptors [mean part, log-RMS part] (B, 2D); `other` fills the log-RMS part."""
     return torch.cat([x, torch.zeros_like(x) if other is None else other], dim=1)
 
 
@@ -93,15 +93,15 @@ def test_calibrated_routing_compares_in_threshold_units():
 def test_descriptor_choice_routes_on_its_own_statistic():
     g = torch.Generator().manual_seed(0)
     same_mean = torch.randn(3, 80, 8, generator=g)  # the means of the three tasks look alike ...
-    spread = [torch.randn(80, 8, generator=g) * 0.2 + 2.0 * t for t in range(3)]  # ... their log stds do not
-    r_std, r_mean = TaskRouter(descriptor="log_std"), TaskRouter(descriptor="mean")
+    spread = [torch.randn(80, 8, generator=g) * 0.2 + 2.0 * t for t in range(3)]  # ... their log RMSs do not
+    r_std, r_mean = TaskRouter(descriptor="log_rms"), TaskRouter(descriptor="mean")
     for t in range(3):
         r_std.add_task(t, desc(same_mean[t], spread[t]))
         r_mean.add_task(t, desc(same_mean[t], spread[t]))
     test = [desc(torch.randn(40, 8, generator=g), torch.randn(40, 8, generator=g) * 0.2 + 2.0 * t) for t in range(3)]
     assert all((r_std.route(x) == t).all() for t, x in enumerate(test))
     assert sum(float((r_mean.route(x) == t).float().mean()) for t, x in enumerate(test)) / 3 < 0.7  # near chance
-    torch.testing.assert_close(select_descriptor(test[0], "log_std"), test[0][:, 8:])
+    torch.testing.assert_close(select_descriptor(test[0], "log_rms"), test[0][:, 8:])
     with pytest.raises(ValueError, match="router.descriptor"):
         select_descriptor(test[0], "max")
 

@@ -249,21 +249,19 @@ def create_classifier(name: str, weights: str) -> tuple[nn.Module, str, Path | N
 
 
 # What `image_descriptors` computes; part of the extractor identity (feature cache keys, saved models).
-DESCRIPTOR = "mean+log_std"
-LOG_STD_EPS = 1e-4
+DESCRIPTOR = "mean+log_rms"
 
 
 def image_descriptors(patches: torch.Tensor) -> torch.Tensor:
-    """(B, H, W, C) -> (B, 2C): per channel, the mean over the patches and the log of their std.
+    """(B, H, W, C) -> (B, 2C): per channel, the mean over the patches and the log of their root mean square.
 
-    The mean is the notes' descriptor. The log std is a texture statistic: how much each channel varies
-    over the image. A defect covers a minority of the patches and moves the mean along directions in
-    which the product's good images hardly vary; it changes the spread far less (docs/localization.md,
-    routing).
+    The mean is the notes' descriptor. The log RMS, ½·log(mean² + variance), adds how much each channel
+    varies over the image (texture) to its level (colour, brightness). A defect covers a minority of the
+    patches and moves the mean along directions in which the product's good images hardly vary; it
+    changes the RMS far less (docs/localization.md, routing).
     """
     flat = patches.flatten(1, 2)  # (B, H·W, C)
-    std = flat.std(dim=1) if flat.shape[1] > 1 else torch.zeros_like(flat[:, 0])
-    return torch.cat([flat.mean(dim=1), torch.log(std + LOG_STD_EPS)], dim=1)
+    return torch.cat([flat.mean(dim=1), 0.5 * torch.log(flat.pow(2).mean(dim=1) + 1e-8)], dim=1)
 
 
 class FeatureExtractor(nn.Module):
@@ -272,7 +270,7 @@ class FeatureExtractor(nn.Module):
     Images come in as RGB floats in [0, 1]; the extractor normalises them with the backbone's own
     ImageNet mean/std. Deeper maps are upsampled (bilinear) to the grid of the first chosen layer,
     concatenated, averaged over a local k x k neighbourhood and optionally pooled over channels to
-    ``cfg.embed_dim`` (parameter free). The descriptor holds the patch features' mean and log std.
+    ``cfg.embed_dim`` (parameter free). The descriptor holds the patch features' mean and log RMS.
     """
 
     def __init__(self, cfg: BackboneConfig, image_size: int, device: torch.device | str = "cpu") -> None:
@@ -324,7 +322,7 @@ class FeatureExtractor(nn.Module):
             )
         self.merged_channels = merged
         self.out_channels: int = cfg.embed_dim if cfg.embed_dim > 0 else merged
-        # Descriptor = [mean over patches (C), log std over patches (C)]; the router picks its part.
+        # Descriptor = [mean over patches (C), log RMS over patches (C)]; the router picks its part.
         self.desc_dim: int = 2 * self.out_channels
         self.channels_last = bool(cfg.channels_last)
         self.to(device)

@@ -136,8 +136,8 @@ class RouterConfig:
     unknown: bool = False  # answer "unknown" beyond the per-task distance threshold
     unknown_quantile: float = 0.99
     calibrated: bool = False  # compare tasks in units of each task's own distance threshold
-    # The descriptor's statistic over the patches: "log_std" (texture; robust to defects) or "mean" (the notes').
-    descriptor: Literal["mean", "log_std"] = "log_std"
+    # The descriptor's statistic over the patches: "log_rms" (texture; robust to defects) or "mean" (the notes').
+    descriptor: Literal["mean", "log_rms"] = "log_rms"
     # Covariance shrinkage: -1 = Ledoit-Wolf (the notes'); λ in [0, 1]: (1 − λ)·S + λ·mean variance·I.
     shrinkage: float = 0.7
     likelihood: bool = True  # compare tasks by distance + log|Σ_t| (Gaussian likelihood); false: distance alone

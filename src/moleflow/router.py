@@ -8,8 +8,9 @@ The notes' router (`descriptor: mean`, `shrinkage: -1` = Ledoit-Wolf, `likelihoo
 to the task with the smallest Mahalanobis distance of its global-average-pooled features. A defect moves
 that mean along directions in which the product's good images hardly vary, so defective images stray
 to another product (ELPV: a third of the defective mono cells went to poly). The default instead uses
-the log std of the patch features over the image (a texture statistic that a defect changes little),
-a fixed strong shrinkage towards the mean variance, and compares tasks by Gaussian likelihood
+the log root mean square of each channel over the image (its level and spread: colour and texture,
+which a defect changes little), a fixed strong shrinkage towards the mean variance, and compares tasks
+by Gaussian likelihood
 (distance + log-determinant), so a broad task does not collect every unusual image
 (docs/localization.md, routing).
 """
@@ -25,11 +26,11 @@ from sklearn.covariance import LedoitWolf
 UNKNOWN = -1  # the routed task of an image no learned task explains (router.unknown = true)
 
 
-DESCRIPTORS = ("mean", "log_std")
+DESCRIPTORS = ("mean", "log_rms")
 
 
 def select_descriptor(descriptors: torch.Tensor, kind: str) -> torch.Tensor:
-    """The router's part of the extractor's descriptors (B, 2C) = [mean (C), log std (C)]."""
+    """The router's part of the extractor's descriptors (B, 2C) = [mean (C), log RMS (C)]."""
     if kind not in DESCRIPTORS:
         raise ValueError(f"router.descriptor must be one of {list(DESCRIPTORS)}, got {kind!r}")
     c = descriptors.shape[1] // 2
