@@ -94,7 +94,7 @@ class MoLEFlow(nn.Module):
         for layer in self._lora_layers():
             layer.add_task(key)
         cfg = self.cfg
-        if cfg.whitening and self.stats_whitening:
+        if self.stats_whitening:
             self.whitening[key] = StatsWhitening(self.in_channels, cfg.whitening_mode, cfg.whitening_eps).to(
                 device=ref.device, dtype=ref.dtype
             )

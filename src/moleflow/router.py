@@ -10,9 +10,8 @@ that mean along directions in which the product's good images hardly vary, so de
 to another product (ELPV: a third of the defective mono cells went to poly). The default instead uses
 the log root mean square of each channel over the image (its level and spread: colour and texture,
 which a defect changes little), a fixed strong shrinkage towards the mean variance, and compares tasks
-by Gaussian likelihood
-(distance + log-determinant), so a broad task does not collect every unusual image
-(docs/localization.md, routing).
+by Gaussian likelihood (distance + log-determinant), so a broad task does not collect every unusual
+image (docs/localization.md, routing).
 """
 from __future__ import annotations
 
@@ -77,7 +76,7 @@ def fit_prototype(descriptors: torch.Tensor, quantile: float = 0.99, shrinkage: 
         d = sample.shape[0]
         cov = (1.0 - shrinkage) * sample + shrinkage * (np.trace(sample) / d) * np.eye(d)
     cov = cov + 1e-12 * max(np.trace(cov) / cov.shape[0], 1e-12) * np.eye(cov.shape[0])  # never singular
-    sign, log_det = np.linalg.slogdet(cov)
+    _, log_det = np.linalg.slogdet(cov)  # cov is positive definite: the sign is +1
     mean_t, precision = torch.from_numpy(np.asarray(mean)), torch.from_numpy(np.linalg.inv(cov))
     dist = _sq_mahalanobis(torch.from_numpy(x), mean_t, precision)
     # In-sample distances are optimistic, so the unknown threshold is a high quantile with a margin.
