@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from moleflow.backbone import FeatureExtractor
+from moleflow.features.backbone import FeatureExtractor
 from moleflow.config import BackboneConfig
 
 ROWS = [

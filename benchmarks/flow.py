@@ -20,8 +20,8 @@ import time
 import torch
 
 from moleflow.config import LossConfig, ModelConfig
-from moleflow.loss import tail_aware_loss
-from moleflow.model import MoLEFlow
+from moleflow.model.loss import tail_aware_loss
+from moleflow.model.mole_flow import MoLEFlow
 
 
 def train_rate(model: MoLEFlow, task: int, x: torch.Tensor, steps: int, loss_cfg: LossConfig) -> float:

@@ -37,9 +37,9 @@ from pathlib import Path
 
 import torch
 
-from moleflow.backbone import resolve_device
+from moleflow.features.backbone import resolve_device
 from moleflow.config import load_config
-from moleflow.pipeline import run_fit
+from moleflow.continual.jobs import run_fit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import METRIC_COLUMNS, Unavailable, import_anomalib, load_category, log, metrics_of, offline_backbone_state, run_patchcore  # noqa: E402

@@ -27,15 +27,15 @@ from pathlib import Path
 
 import torch
 
-from moleflow.backbone import FeatureExtractor
+from moleflow.features.backbone import FeatureExtractor
 from moleflow.config import load_config
 from moleflow.data import build_dataset
-from moleflow.evaluate import score_features
-from moleflow.features import FeatureSet, extract_features
+from moleflow.continual.evaluate import score_features
+from moleflow.features.cache import FeatureSet, extract_features
 from moleflow.metrics import compute_metrics
-from moleflow.model import MoLEFlow
+from moleflow.model.mole_flow import MoLEFlow
 from moleflow.scoring import anomaly_map, image_score
-from moleflow.train import fit_task, seed_everything
+from moleflow.continual.train import fit_task, seed_everything
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DEFAULT = [SHARED / "kolektorsdd" / "kolektor", SHARED / "mvtec_ad" / "bottle", SHARED / "mvtec_ad" / "transistor"]

@@ -61,14 +61,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moleflow.backbone import BackboneError, create_classifier, resolve_device
+from moleflow.features.backbone import resolve_device
+from moleflow.features.weights import BackboneError, create_classifier
 from moleflow.config import Config, ConfigError, load_config
 from moleflow.data import DatasetError, ImageDataset, build_dataset
 from moleflow.data.mvtec import mvtec_samples
-from moleflow.features import FeatureSet
+from moleflow.features.cache import FeatureSet
 from moleflow.metrics import compute_metrics
-from moleflow.pipeline import build_system, learn_task
-from moleflow.train import seed_everything
+from moleflow.continual.jobs import build_system, learn_task
+from moleflow.continual.train import seed_everything
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import predict_batch  # noqa: E402 - the predict computation, shared with speed.py

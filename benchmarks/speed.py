@@ -43,14 +43,14 @@ from pathlib import Path
 
 import torch
 
-from moleflow.backbone import BackboneError
+from moleflow.features.weights import BackboneError
 from moleflow.config import Config, ConfigError, load_config
 from moleflow.data import IMAGE_EXTENSIONS, MPDD_CLASSES, MVTEC_CLASSES, DatasetError, ImageDataset, build_dataset, load_image
-from moleflow.features import FeatureSet, extract_features
-from moleflow.pipeline import System, build_system, learn_task, task_features
+from moleflow.features.cache import FeatureSet, extract_features
+from moleflow.continual.jobs import System, build_system, learn_task, task_features
 from moleflow.predict import predict_batch  # what `moleflow predict` computes, minus file I/O
 from moleflow.scoring import anomaly_map, image_score, patch_scores
-from moleflow.train import seed_everything
+from moleflow.continual.train import seed_everything
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CATEGORY = REPO.parent / "shared" / "data" / "mvtec_ad" / "bottle"

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moleflow.adapters import DIA, SpatialMixer, WhiteningAdapter
+from moleflow.model.adapters import DIA, SpatialMixer, WhiteningAdapter
 
 
 def make_whitening(task_index: int, channels: int = 6) -> WhiteningAdapter:
@@ -96,7 +96,7 @@ def test_dia_logdet_is_exact():
 
 @pytest.mark.parametrize("mode", ["channel", "full"])
 def test_stats_whitening_standardises_and_is_an_invertible_affine(mode):
-    from moleflow.adapters import StatsWhitening
+    from moleflow.model.adapters import StatsWhitening
 
     g = torch.Generator().manual_seed(0)
     mix = torch.randn(5, 5, generator=g)
@@ -117,7 +117,7 @@ def test_stats_whitening_standardises_and_is_an_invertible_affine(mode):
 
 
 def test_stats_whitening_shrinks_constant_channels():
-    from moleflow.adapters import StatsWhitening
+    from moleflow.model.adapters import StatsWhitening
 
     x = torch.randn(30, 3, 3, 4)
     x[..., 2] = 5.0  # a channel that never changes on this product (e.g. a black background)

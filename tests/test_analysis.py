@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from moleflow.analysis import (
+from moleflow.research.analysis import (
     analyze_tail,
     border_distance,
     border_ks,
@@ -23,8 +23,8 @@ from moleflow.analysis import (
 )
 from moleflow.cli import main
 from moleflow.config import LossConfig, ModelConfig
-from moleflow.loss import tail_count
-from moleflow.model import MoLEFlow
+from moleflow.model.loss import tail_count
+from moleflow.model.mole_flow import MoLEFlow
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

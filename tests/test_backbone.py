@@ -11,14 +11,8 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
-from moleflow.backbone import (
-    BackboneError,
-    FeatureExtractor,
-    create_classifier,
-    offline_weights_path,
-    resolve_device,
-    sha256_file,
-)
+from moleflow.features.backbone import FeatureExtractor, resolve_device
+from moleflow.features.weights import BackboneError, create_classifier, offline_weights_path, sha256_file
 from moleflow.config import BackboneConfig
 
 LITE0 = "tf_efficientnet_lite0"

@@ -17,9 +17,9 @@ import torch
 from conftest import write_tiny_mvtec
 from moleflow.config import Config
 from moleflow.data import build_dataset
-from moleflow.evaluate import score_features
-from moleflow.features import extract_features
-from moleflow.pipeline import build_system, learn_task, task_features
+from moleflow.continual.evaluate import score_features
+from moleflow.features.cache import extract_features
+from moleflow.continual.jobs import build_system, learn_task, task_features
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 

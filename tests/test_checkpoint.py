@@ -4,7 +4,8 @@ import json
 import pytest
 import torch
 
-from moleflow.checkpoint import CheckpointError, TaskRecord, atomic_write_bytes, read_checked, read_manifest, write_model
+from moleflow.atomic import atomic_write_bytes
+from moleflow.model.checkpoint import CheckpointError, TaskRecord, read_checked, read_manifest, write_model
 
 
 def _write(d, tasks, new):

@@ -3,7 +3,7 @@ exit code 2, no traceback (issue 8, the command line)."""
 
 import pytest
 
-from moleflow.backbone import FeatureExtractor
+from moleflow.features.backbone import FeatureExtractor
 from moleflow.cli import main
 
 from test_e2e import CONFIGS, _write_class

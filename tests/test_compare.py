@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from moleflow.compare import DONE_MARKER, GRID_FILE, compare_runs
+from moleflow.research.compare import DONE_MARKER, GRID_FILE, compare_runs
 from moleflow.config import ConfigError, load_config, save_config
 
 def make_run(path: Path, overrides: list[str], image_auroc: float | None, pixel_ap: float | None = 0.5,

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from moleflow import checkpoint
+from moleflow.model import checkpoint
 from moleflow.cli import main
-from moleflow.pipeline import load_system
+from moleflow.continual.jobs import load_system
 
 from test_e2e import CONFIGS, _write_class
 

@@ -167,7 +167,7 @@ def test_readers_never_see_a_mix_while_a_task_is_added(fitted, two_class_root, t
     import subprocess
     import sys
 
-    from moleflow.checkpoint import read_checked, read_manifest
+    from moleflow.model.checkpoint import read_checked, read_manifest
 
     run = tmp_path / "run"
     shutil.copytree(fitted, run)

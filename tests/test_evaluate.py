@@ -1,6 +1,6 @@
 import pytest
 
-from moleflow.evaluate import forgetting, summarize
+from moleflow.results.summary import forgetting, summarize
 
 
 def test_forgetting_is_best_earlier_minus_final():

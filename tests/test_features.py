@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from moleflow.backbone import FeatureExtractor
+from moleflow.features.backbone import FeatureExtractor
 from moleflow.config import BackboneConfig, DataConfig
-from moleflow.features import FeatureError, FeatureSet, cache_key, extract_features
+from moleflow.features.cache import FeatureError, FeatureSet, cache_key, extract_features
 
 SIZE = 32
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from moleflow.config import ModelConfig
-from moleflow.flow import BaseFlow, CouplingBlock, MoLEContextSubnet
-from moleflow.lora import LoRALinear
+from moleflow.model.flow import BaseFlow, CouplingBlock, MoLEContextSubnet
+from moleflow.model.lora import LoRALinear
 
 TINY = ModelConfig(coupling_blocks=2, lora_rank=2, context_kernel=3, subnet_hidden_ratio=2.0)
 

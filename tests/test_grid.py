@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from moleflow.compare import DONE_MARKER, GRID_FILE
+from moleflow.research.compare import DONE_MARKER, GRID_FILE
 from moleflow.config import Config, ConfigError, save_config
-from moleflow.grid import parse_seeds, parse_vary, plan_grid, run_grid
+from moleflow.research.grid import parse_seeds, parse_vary, plan_grid, run_grid
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

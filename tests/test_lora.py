@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moleflow.lora import LoRALinear
+from moleflow.model.lora import LoRALinear
 
 
 def make_layer(**kw) -> LoRALinear:

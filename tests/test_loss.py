@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from moleflow.config import LossConfig, ModelConfig
-from moleflow.flow import BaseFlow
-from moleflow.loss import patch_nll, tail_aware_loss, tail_count, tail_mean
-from moleflow.model import MoLEFlow
+from moleflow.model.flow import BaseFlow
+from moleflow.model.loss import patch_nll, tail_aware_loss, tail_count, tail_mean
+from moleflow.model.mole_flow import MoLEFlow
 
 PLAIN = LossConfig(tail_weight=0.0, lambda_logdet=0.0, whitening_reg=0.0)
 

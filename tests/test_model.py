@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from moleflow.config import LossConfig, ModelConfig
-from moleflow.loss import tail_aware_loss
-from moleflow.model import MoLEFlow
+from moleflow.model.loss import tail_aware_loss
+from moleflow.model.mole_flow import MoLEFlow
 
 C = 8
 # The seeds' adapter (LayerNorm whitening, added positional encoding): most tests below are about it;
@@ -281,7 +281,7 @@ def test_regularization():
 
 
 def test_positional_encoding_modes():
-    from moleflow.positional import PositionalEncoding, sinusoidal_encoding_2d
+    from moleflow.model.positional import PositionalEncoding, sinusoidal_encoding_2d
 
     pe = sinusoidal_encoding_2d(3, 4, 8)  # channels 0-3: row, 4-7: column
     assert pe.shape == (3, 4, 8)
@@ -304,8 +304,8 @@ def test_positional_encoding_modes():
 @pytest.mark.parametrize("mode", ["channel", "full"])
 def test_statistics_whitening_is_per_task_counted_and_never_changes_old_tasks(mode):
     from moleflow.config import TrainConfig
-    from moleflow.features import FeatureSet
-    from moleflow.train import fit_task
+    from moleflow.features.cache import FeatureSet
+    from moleflow.continual.train import fit_task
 
     def feature_set(x: torch.Tensor) -> FeatureSet:
         n = len(x)

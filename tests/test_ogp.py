@@ -8,10 +8,10 @@ from torch import nn
 
 from moleflow.cli import main
 from moleflow.config import Config, ConfigError, load_config
-from moleflow.features import FeatureSet
-from moleflow.model import MoLEFlow
-from moleflow.ogp import GradientMemory, task_gradients
-from moleflow.train import fit_task
+from moleflow.features.cache import FeatureSet
+from moleflow.model.mole_flow import MoLEFlow
+from moleflow.continual.ogp import GradientMemory, task_gradients
+from moleflow.continual.train import fit_task
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -11,8 +11,8 @@ import torch
 from matplotlib import colormaps
 from PIL import Image
 
-from moleflow.html_report import markdown_tables_to_html, write_report_html
-from moleflow.plots import (
+from moleflow.results.html import markdown_tables_to_html, write_report_html
+from moleflow.results.plots import (
     MAP_CMAP,
     TaskView,
     colorize,
@@ -69,7 +69,7 @@ def _results(with_train: bool = True, with_pixels: bool = True) -> dict:
     if with_train:
         steps[0]["train"] = {"epoch_loss": [3.0, 1.5, 0.2, -0.5], "seconds": 12.0}
         steps[1]["train"] = {"epoch_loss": [2.5, 1.0, 0.1, -0.3], "seconds": 10.0}
-    from moleflow.evaluate import summarize
+    from moleflow.results.summary import summarize
 
     results = {"tasks": [["bottle"], ["mono"]], "steps": steps, "final": summarize(steps)}
     if with_train:

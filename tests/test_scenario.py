@@ -1,7 +1,13 @@
 import pytest
 
 from moleflow.config import ConfigError, load_config
-from moleflow.scenario import MVTEC_ALPHABETICAL_ORDER, MVTEC_ORIGINAL_ORDER, display_name, resolve_tasks, split_scenario
+from moleflow.continual.scenario import (
+    MVTEC_ALPHABETICAL_ORDER,
+    MVTEC_ORIGINAL_ORDER,
+    display_name,
+    resolve_tasks,
+    split_scenario,
+)
 
 
 @pytest.mark.parametrize("name, sizes", [("1x1", [1] * 15), ("3x3", [3] * 5), ("5x5", [5] * 3), ("14x1", [14, 1]), ("10-5", [10, 5])])

@@ -95,13 +95,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from moleflow.backbone import BackboneError
-    from moleflow.checkpoint import CheckpointError
+    from moleflow.features.weights import BackboneError
+    from moleflow.model.checkpoint import CheckpointError
     from moleflow.config import ConfigError
     from moleflow.data import DatasetError
-    from moleflow.features import FeatureError
+    from moleflow.features.cache import FeatureError
     from moleflow.scoring import ScoreError
-    from moleflow.train import TrainingError
+    from moleflow.continual.train import TrainingError
 
     return (ConfigError, DatasetError, CheckpointError, BackboneError, TrainingError, FeatureError, ScoreError,
             FileNotFoundError)
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from moleflow import pipeline
+    from moleflow.continual import jobs
     from moleflow.config import ConfigError, load_config
 
     progress = not args.quiet
@@ -149,7 +149,7 @@ def _run(args: argparse.Namespace) -> int:
             raise ConfigError("--resume needs --out: the run directory to continue")
         out = args.out or _default_run_dir(Path(args.config).stem)
         t0 = time.perf_counter()
-        results = pipeline.run_fit(cfg, out, progress=progress, resume=args.resume)
+        results = jobs.run_fit(cfg, out, progress=progress, resume=args.resume)
         _print_summary(results, out, time.perf_counter() - t0)
         return 0
     if args.command == "add-task":
@@ -160,13 +160,13 @@ def _run(args: argparse.Namespace) -> int:
             parse_class_spec(s, args.dataset)
         roots = {args.dataset: args.root} if args.root else {}
         t0 = time.perf_counter()
-        results = pipeline.run_add_task(args.model_dir, specs, roots, args.out, progress=progress)
+        results = jobs.run_add_task(args.model_dir, specs, roots, args.out, progress=progress)
         _print_summary(results, args.out or args.model_dir.parent, time.perf_counter() - t0)
         return 0
     if args.command == "evaluate":
         cfg = load_config(args.config, args.overrides) if args.config else None
         out = args.out or _default_run_dir("evaluate")
-        results = pipeline.run_evaluate(args.model_dir, cfg, out, progress=progress)
+        results = jobs.run_evaluate(args.model_dir, cfg, out, progress=progress)
         _print_summary(results, out, None)
         return 0
     if args.command == "predict":
@@ -180,12 +180,12 @@ def _run(args: argparse.Namespace) -> int:
 
         return run_demo(args.out or _default_run_dir("demo"), args.add, args.overrides, progress=progress)
     if args.command == "grid":
-        from moleflow.grid import parse_seeds, run_grid
+        from moleflow.research.grid import parse_seeds, run_grid
 
         run_grid(Path(args.config), args.vary, parse_seeds(args.seeds), args.out, progress=progress, overrides=args.overrides)
         return 0
     if args.command == "report":
-        from moleflow.compare import collect_runs, compare_runs
+        from moleflow.research.compare import collect_runs, compare_runs
 
         runs, skipped = collect_runs(args.run_dirs)
         if not runs:
@@ -195,7 +195,7 @@ def _run(args: argparse.Namespace) -> int:
         print(compare_runs(args.run_dirs, [k.strip() for k in args.group_by.split(",") if k.strip()], args.baseline or None))
         return 0
     if args.command == "analyze":
-        from moleflow.analysis import analyze_tail
+        from moleflow.research.analysis import analyze_tail
 
         out = args.out or _default_run_dir("analysis")
         path = analyze_tail(args.run_mean_only, args.run_tail_aware, out, task=args.task, sweep=list(args.sweep),
@@ -206,7 +206,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(results: dict, run_dir: Path, seconds: float | None) -> None:
-    from moleflow.report import step_table
+    from moleflow.results.tables import step_table
 
     print()
     print(step_table(results))

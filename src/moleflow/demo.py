@@ -19,8 +19,8 @@ def demo_config_path() -> Path:
 
 
 def run_demo(run_dir: Path, add: Path | None, overrides: list[str], progress: bool = True) -> int:
-    from moleflow import pipeline
-    from moleflow.report import step_table
+    from moleflow.continual import jobs
+    from moleflow.results.tables import step_table
 
     if add is not None:
         add = Path(add)
@@ -33,7 +33,7 @@ def run_demo(run_dir: Path, add: Path | None, overrides: list[str], progress: bo
         cfg.scenario.tasks = [*cfg.scenario.tasks, [f"mvtec:{add.resolve().name}"]]
         cfg.data.roots["mvtec"] = str(add.resolve().parent)
     t0 = time.perf_counter()
-    results = pipeline.run_fit(cfg, run_dir, progress=progress)
+    results = jobs.run_fit(cfg, run_dir, progress=progress)
     seconds = time.perf_counter() - t0
     print()
     print(step_table(results))

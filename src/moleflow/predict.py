@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from moleflow.checkpoint import atomic_write_text
+from moleflow.atomic import atomic_write_text
 from moleflow.config import ConfigError
 from moleflow.data import DatasetError, load_image
-from moleflow.pipeline import System, load_system
+from moleflow.continual.jobs import System, load_system
 from moleflow.router import UNKNOWN
 from moleflow.scoring import anomaly_map, image_score, patch_scores, require_finite
 
@@ -69,7 +69,7 @@ def predict_batch(system: System, images: torch.Tensor, names: list[str] | None 
 @torch.no_grad()
 def run_predict(model_dir: Path, paths: list[Path], out_dir: Path, progress: bool = True, batch_size: int = 8) -> int:
     system = load_system(model_dir)
-    from moleflow.plots import save_prediction_pngs
+    from moleflow.results.plots import save_prediction_pngs
 
     cfg, size = system.cfg, system.cfg.data.image_size
     if system.router.mode == "oracle":

@@ -28,7 +28,7 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from moleflow.checkpoint import atomic_write_bytes
+from moleflow.atomic import atomic_write_bytes
 
 MAP_CMAP = "jet"  # the usual colour scale of anomaly maps in the AD literature: blue = normal, red = anomalous
 DPI = 110

@@ -11,8 +11,8 @@ import html
 import re
 from pathlib import Path
 
-from moleflow.checkpoint import atomic_write_text
-from moleflow.report import METRIC_NAMES, final_table, fmt, step_table
+from moleflow.atomic import atomic_write_text
+from moleflow.results.tables import METRIC_NAMES, final_table, fmt, step_table
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1100px;

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from moleflow.config import Config, ConfigError, config_to_dict, parse_override
-from moleflow.report import _table, fmt
+from moleflow.results.tables import _table, fmt
 
 DONE_MARKER = "DONE"  # written by `moleflow grid` after run_fit returned: the run is complete
 GRID_FILE = "grid.json"  # a grid folder: lists its runs and their overrides

@@ -21,8 +21,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from moleflow.backbone import FeatureExtractor
-from moleflow.checkpoint import atomic_write_bytes
+from moleflow.features.backbone import FeatureExtractor
+from moleflow.atomic import atomic_write_bytes
 
 if TYPE_CHECKING:
     from moleflow.data import ImageDataset

@@ -14,10 +14,10 @@ import torch
 from tqdm.auto import tqdm
 
 from moleflow.config import LossConfig, TrainConfig
-from moleflow.features import FeatureSet
-from moleflow.loss import tail_aware_loss
-from moleflow.model import MoLEFlow
-from moleflow.ogp import GradientMemory
+from moleflow.features.cache import FeatureSet
+from moleflow.model.loss import tail_aware_loss
+from moleflow.model.mole_flow import MoLEFlow
+from moleflow.continual.ogp import GradientMemory
 
 
 class TrainingError(RuntimeError):

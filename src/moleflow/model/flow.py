@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moleflow.config import ModelConfig
-from moleflow.lora import LoRALinear
+from moleflow.model.lora import LoRALinear
 
 # FrEIA AllInOneBlock multiplies the subnet output by 0.1 before the affine transform.
 SUBNET_OUTPUT_SCALE = 0.1

@@ -1,62 +1,29 @@
-"""Saving and loading models: safetensors files, a manifest with checksums, atomic writes."""
+"""Saving and loading models: safetensors files and a manifest with checksums, written atomically.
+
+    model/
+      manifest.json          config, backbone identity, dimensions, and for every file its sha256
+      shared.safetensors     the shared flow (written with task 0, never rewritten while it is unchanged)
+      task_000.safetensors   task 0's modules + its router prototype + its score threshold
+      task_001.safetensors   ...
+
+A new task writes its own file and then replaces manifest.json by an atomic rename, so a reader sees
+the model before or after the new task, never a mix, and earlier task files stay byte-identical.
+A file whose content changes (the finetune baseline retrains shared and task 0) is written under a
+new name (shared.<sha256[:12]>.safetensors) and the old one is removed only after the manifest
+switched: a process killed in between leaves the previous model complete.
+"""
 from __future__ import annotations
-
-import os
-import tempfile
-from pathlib import Path
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are for people to read
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-# --------------------------------------------------------------------------- model directory
-#
-#   model/
-#     manifest.json          config, backbone identity, dimensions, and for every file its sha256
-#     shared.safetensors     the shared flow (written with task 0, never rewritten while it is unchanged)
-#     task_000.safetensors   task 0's modules + its router prototype + its score threshold
-#     task_001.safetensors   ...
-#
-# A new task writes its own file and then replaces manifest.json by an atomic rename, so a reader sees
-# the model before or after the new task, never a mix, and earlier task files stay byte-identical.
-# A file whose content changes (the finetune baseline retrains shared and task 0) is written under a
-# new name (shared.<sha256[:12]>.safetensors) and the old one is removed only after the manifest
-# switched: a process killed in between leaves the previous model complete.
 
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+
+from moleflow.atomic import atomic_write_bytes, atomic_write_text
 
 FORMAT = "moleflow-model"
 FORMAT_VERSION = 1

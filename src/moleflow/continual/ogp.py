@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from moleflow.config import LossConfig
-from moleflow.features import FeatureSet
-from moleflow.loss import tail_aware_loss
+from moleflow.features.cache import FeatureSet
+from moleflow.model.loss import tail_aware_loss
 
 
 class GradientMemory:

@@ -22,11 +22,11 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
-from moleflow.adapters import DIA, SpatialMixer, StatsWhitening, WhiteningAdapter
+from moleflow.model.adapters import DIA, SpatialMixer, StatsWhitening, WhiteningAdapter
 from moleflow.config import ModelConfig
-from moleflow.flow import BaseFlow
-from moleflow.lora import LoRALinear
-from moleflow.positional import PositionalEncoding
+from moleflow.model.flow import BaseFlow
+from moleflow.model.lora import LoRALinear
+from moleflow.model.positional import PositionalEncoding
 
 
 class MoLEFlow(nn.Module):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moleflow.flow import chain_forward, chain_inverse, soft_clamp
+from moleflow.model.flow import chain_forward, chain_inverse, soft_clamp
 
 # Task 0's whitening starts here: gamma = 0.5 + 1.5·sigmoid(-0.7) ≈ 0.998, i.e. near identity (V3-1).
 TASK0_GAMMA_RAW = -0.7

@@ -14,18 +14,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moleflow import checkpoint
-from moleflow.backbone import FeatureExtractor, resolve_device
-from moleflow.checkpoint import CheckpointError, TaskRecord
+from moleflow.model import checkpoint
+from moleflow.features.backbone import FeatureExtractor, resolve_device
+from moleflow.model.checkpoint import CheckpointError, TaskRecord
 from moleflow.config import Config, ConfigError, config_from_dict, config_to_dict, save_config
 from moleflow.data import build_dataset, parse_class_spec
-from moleflow.evaluate import Scores, evaluate_task, score_features, summarize
-from moleflow.features import FeatureSet, extract_features
-from moleflow.model import MoLEFlow
-from moleflow.ogp import GradientMemory, task_gradients
+from moleflow.continual.evaluate import Scores, evaluate_task, score_features
+from moleflow.results.summary import summarize
+from moleflow.features.cache import FeatureSet, extract_features
+from moleflow.model.mole_flow import MoLEFlow
+from moleflow.continual.ogp import GradientMemory, task_gradients
 from moleflow.router import Prototype, TaskRouter
-from moleflow.scenario import display_name, resolve_tasks
-from moleflow.train import fit_task, seed_everything
+from moleflow.continual.scenario import display_name, resolve_tasks
+from moleflow.continual.train import fit_task, seed_everything
 
 
 @dataclass
@@ -198,7 +199,7 @@ def load_system(model_dir: Path, cfg_overrides: Config | None = None) -> System:
 
 
 def write_results(run_dir: Path, results: dict, cfg: Config, skipped: list[tuple[str, str]] | None = None) -> None:
-    from moleflow.report import results_markdown
+    from moleflow.results.tables import results_markdown
 
     if skipped:
         results["skipped_files"] = [{"path": p, "reason": r} for p, r in skipped]
@@ -212,8 +213,8 @@ def _plot(run_dir: Path, system: System, results: dict, test_sets: dict, scores:
     """PNG figures and report.html of the run (config `output.plots`)."""
     if not system.cfg.output.plots:
         return
-    from moleflow.html_report import write_report_html
-    from moleflow.plots import TaskView, write_run_plots
+    from moleflow.results.html import write_report_html
+    from moleflow.results.plots import TaskView, write_run_plots
 
     views = []
     for t, sc in sorted(scores.items()):

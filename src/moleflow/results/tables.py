@@ -24,7 +24,7 @@ def _task_names(results: dict) -> list[str]:
 
 def step_table(results: dict, metric: str = "image_auroc") -> str:
     """One row per step: the metric of every task seen so far (routing on), routing accuracy, forgetting."""
-    from moleflow.evaluate import forgetting, metric_matrix
+    from moleflow.results.summary import forgetting, metric_matrix
 
     names = _task_names(results)
     n = len(results["steps"])

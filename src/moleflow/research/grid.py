@@ -26,8 +26,16 @@ from typing import Any
 
 import yaml
 
-from moleflow.checkpoint import atomic_write_text
-from moleflow.compare import DONE_MARKER, GRID_FILE, SEED_KEY, flatten, hashable_value, is_non_setting, split_top_level
+from moleflow.atomic import atomic_write_text
+from moleflow.research.compare import (
+    DONE_MARKER,
+    GRID_FILE,
+    SEED_KEY,
+    flatten,
+    hashable_value,
+    is_non_setting,
+    split_top_level,
+)
 from moleflow.config import Config, ConfigError, config_to_dict, load_config, parse_override
 
 MAX_NAME = 150  # characters of a run directory name; longer names are cut and get a hash suffix
@@ -202,7 +210,7 @@ def run_grid(
     from scratch on the next call.
     """
     if fit is None:
-        from moleflow.pipeline import run_fit as fit
+        from moleflow.continual.jobs import run_fit as fit
     out = Path(out)
     overrides = list(overrides)
     runs = plan_grid(Path(config), vary, seeds, overrides)

@@ -41,14 +41,14 @@ from matplotlib.ticker import MaxNLocator
 from scipy import ndimage, stats
 from sklearn.metrics import roc_auc_score
 
-from moleflow.checkpoint import atomic_write_bytes, atomic_write_text
-from moleflow.compare import collect_runs, flatten
+from moleflow.atomic import atomic_write_bytes, atomic_write_text
+from moleflow.research.compare import collect_runs, flatten
 from moleflow.config import ConfigError, LossConfig, config_to_dict
 from moleflow.data import ImageDataset, build_dataset, load_image
-from moleflow.features import FeatureSet, extract_features
-from moleflow.loss import patch_nll, tail_aware_loss, tail_count
-from moleflow.model import MoLEFlow
-from moleflow.pipeline import System, load_system
+from moleflow.features.cache import FeatureSet, extract_features
+from moleflow.model.loss import patch_nll, tail_aware_loss, tail_count
+from moleflow.model.mole_flow import MoLEFlow
+from moleflow.continual.jobs import System, load_system
 from moleflow.scoring import anomaly_map, patch_scores
 
 DPI = 110
