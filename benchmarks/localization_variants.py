@@ -30,11 +30,11 @@ import torch
 from moleflow.features.backbone import FeatureExtractor
 from moleflow.config import load_config
 from moleflow.data import build_dataset
-from moleflow.continual.evaluate import score_features
 from moleflow.features.cache import FeatureSet, extract_features
 from moleflow.metrics import compute_metrics
 from moleflow.model.mole_flow import MoLEFlow
-from moleflow.scoring import anomaly_map, image_score
+from moleflow.router import TaskRouter
+from moleflow.scoring import Scorer, anomaly_map, image_score
 from moleflow.continual.train import fit_task, seed_everything
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -97,7 +97,8 @@ def flow(folders: list[Path], overrides: list[str], cache: str, parts: bool) -> 
         model.add_task(t)
         t0 = time.perf_counter()
         fit_task(model, t, train, cfg.train, cfg.loss, device, progress=False)
-        sc = score_features(model, test, torch.full((len(test),), t), cfg, device)
+        scorer = Scorer(model, TaskRouter("oracle"), cfg.scoring, cfg.data.image_size, device)
+        sc = scorer.score_features(test, torch.full((len(test),), t))
         row = {"task": t, "category": folder.name, **metrics(test, sc.image, sc.maps), "train_s": round(time.perf_counter() - t0, 1)}
         if parts:
             row["parts"] = score_parts(model, t, test, cfg.scoring.top_k, cfg.data.image_size, cfg.scoring.blur_sigma)

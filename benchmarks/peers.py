@@ -68,7 +68,7 @@ from moleflow.data import DatasetError, ImageDataset, build_dataset
 from moleflow.data.mvtec import mvtec_samples
 from moleflow.features.cache import FeatureSet
 from moleflow.metrics import compute_metrics
-from moleflow.continual.jobs import build_system, learn_task
+from moleflow.continual.system import build_system, learn_new_task
 from moleflow.continual.train import seed_everything
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -332,7 +332,7 @@ def run_moleflow(cat: Category, epochs: int, batch: int, overrides: list[str]) -
     n = len(cat.train)
     train = FeatureSet(torch.cat(patches), torch.cat(desc), torch.zeros(n, dtype=torch.long), None,
                        [f"{cat.name}/train/{i}" for i in range(n)], [cat.name] * n)
-    _, info = learn_task(system, [cat.name], train, progress=False)
+    _, info = learn_new_task(system, [cat.name], train, progress=False, step=len(system.tasks))
     train_s = time.perf_counter() - t0
 
     scores, maps = [], []

@@ -47,7 +47,7 @@ from moleflow.features.weights import BackboneError
 from moleflow.config import Config, ConfigError, load_config
 from moleflow.data import IMAGE_EXTENSIONS, MPDD_CLASSES, MVTEC_CLASSES, DatasetError, ImageDataset, build_dataset, load_image
 from moleflow.features.cache import FeatureSet, extract_features
-from moleflow.continual.jobs import System, build_system, learn_task, task_features
+from moleflow.continual.system import System, build_system, learn_new_task, task_features
 from moleflow.predict import predict_batch  # what `moleflow predict` computes, minus file I/O
 from moleflow.scoring import anomaly_map, image_score, patch_scores
 from moleflow.continual.train import seed_everything
@@ -172,7 +172,7 @@ def train_task(system: System, spec: str, progress: bool) -> TrainTiming:
     t0 = time.perf_counter()
     train = task_features(system, [spec], "train", progress)
     t1 = time.perf_counter()
-    _, info = learn_task(system, [spec], train, progress)
+    _, info = learn_new_task(system, [spec], train, progress, step=len(system.tasks))
     t2 = time.perf_counter()
     return TrainTiming(len(train), t1 - t0, t2 - t1, float(info["seconds"]))
 
@@ -204,7 +204,7 @@ def add_timing_tasks(system: System, sets: list[tuple[str, FeatureSet]], epochs:
     system.cfg.train.epochs = epochs
     try:
         for name, fs in sets:
-            learn_task(system, [name], fs, progress=False)
+            learn_new_task(system, [name], fs, progress=False, step=len(system.tasks))
     finally:
         system.cfg.train.epochs = saved
 

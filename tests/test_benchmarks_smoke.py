@@ -17,9 +17,8 @@ import torch
 from conftest import write_tiny_mvtec
 from moleflow.config import Config
 from moleflow.data import build_dataset
-from moleflow.continual.evaluate import score_features
 from moleflow.features.cache import extract_features
-from moleflow.continual.jobs import build_system, learn_task, task_features
+from moleflow.continual.system import build_system, learn_new_task, task_features
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -86,12 +85,12 @@ def test_predict_batch_matches_the_evaluation_path(speed, tiny_root):
     """predict_batch (what `moleflow predict` computes) scores an image exactly as evaluation does."""
     cfg = speed.benchmark_config(tiny_root / "bottle", 1, TINY)
     system = build_system(cfg)
-    learn_task(system, ["bottle"], task_features(system, ["bottle"], "train", False), False)
+    learn_new_task(system, ["bottle"], task_features(system, ["bottle"], "train", False), False, step=0)
     test = build_dataset(cfg.data, "bottle", "test")
     images = torch.stack([test[i]["image"] for i in range(len(test))])
     routed, scores, maps = speed.predict_batch(system, images)
     assert routed.tolist() == [0] * len(test)
-    ref = score_features(system.model, extract_features(system.extractor, test, progress=False), routed, cfg, system.device)
+    ref = system.scorer.score_features(extract_features(system.extractor, test, progress=False), routed)
     torch.testing.assert_close(scores, ref.image, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(maps, ref.maps, rtol=1e-4, atol=1e-4)
 

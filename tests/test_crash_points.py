@@ -16,7 +16,7 @@ import pytest
 
 from moleflow.model import checkpoint
 from moleflow.cli import main
-from moleflow.continual.jobs import load_system
+from moleflow.continual.system import load_system
 
 from test_e2e import CONFIGS, _write_class
 

@@ -14,9 +14,8 @@ from tqdm.auto import tqdm
 from moleflow.atomic import atomic_write_text
 from moleflow.config import ConfigError
 from moleflow.data import DatasetError, load_image
-from moleflow.continual.jobs import System, load_system
+from moleflow.continual.system import System, load_system
 from moleflow.router import UNKNOWN
-from moleflow.scoring import anomaly_map, image_score, patch_scores, require_finite
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
@@ -38,32 +37,12 @@ def collect_images(paths: list[Path]) -> list[Path]:
     return files
 
 
-@torch.no_grad()
 def predict_batch(system: System, images: torch.Tensor, names: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """images (B, 3, S, S) in [0, 1] -> routed task (B,), image score (B,) (NaN where unknown),
-    anomaly map (B, S, S). Features, routing without a task id, flow, map and score in one pass.
-    `names` (the files, for error messages) default to the images' places in the batch."""
-    cfg, size = system.cfg, system.cfg.data.image_size
-    names = names or [f"image {i} of the batch" for i in range(len(images))]
-    patches, desc = system.extractor(images.to(system.device))  # (B, H, W, C), (B, D)
-    require_finite(patches, names, "backbone features")
-    nll = None
-    if system.router.mode == "hybrid":
-        def nll(index: torch.Tensor, tasks: torch.Tensor) -> torch.Tensor:  # noqa: E306 - closes over this batch
-            z, ld = system.model.forward_routed(patches[index], tasks.to(system.device))
-            return patch_scores(z, ld).mean(dim=(1, 2)).cpu()
-    routed = system.router.route(desc.cpu(), task_nll=nll)
-    known = routed != UNKNOWN
-    scores = torch.full((len(images),), float("nan"))
-    maps = torch.zeros(len(images), size, size)
-    if known.any():
-        idx = known.nonzero().squeeze(1)
-        z, log_det = system.model.forward_routed(patches[idx], routed[idx].to(system.device))
-        s = patch_scores(z, log_det, cfg.scoring.patch_score)  # (b, H, W)
-        require_finite(s, [names[i] for i in idx.tolist()], "anomaly scores")
-        scores[idx] = image_score(s, cfg.scoring.aggregation, cfg.scoring.top_k).cpu()
-        maps[idx] = anomaly_map(s, size, cfg.scoring.blur_sigma).cpu()
-    return routed, scores, maps
+    anomaly map (B, S, S): the system's scorer, without a task id. `names` (the files, for error
+    messages) default to the images' places in the batch."""
+    sc = system.scorer.score_images(images, names)
+    return sc.tasks, sc.image, sc.maps
 
 
 @torch.no_grad()
@@ -71,7 +50,7 @@ def run_predict(model_dir: Path, paths: list[Path], out_dir: Path, progress: boo
     system = load_system(model_dir)
     from moleflow.results.plots import save_prediction_pngs
 
-    cfg, size = system.cfg, system.cfg.data.image_size
+    size = system.cfg.data.image_size
     if system.router.mode == "oracle":
         raise ConfigError("this model routes with the oracle (router.mode: oracle), which needs each image's true task; "
                           "predict cannot know it: retrain with router.mode=mahalanobis")

@@ -1,4 +1,9 @@
-"""Scores: per-patch NLL → anomaly map (upsampled, Gaussian-blurred) → image score.
+"""The one place images become scores: features → route → flow → patch scores → map → image score.
+
+`Scorer` is used by every path that scores images: evaluation, threshold calibration, `predict`, the
+analyses (with the per-block log-det hook `flow_parts`), and the service and exports that build on it.
+The functions below it are its steps: per-patch score → anomaly map (upsampled, Gaussian-blurred) →
+image score.
 
 The blur matches scipy.ndimage.gaussian_filter (the usual post-processing in the anomaly-detection
 literature): a normalised Gaussian of radius ⌈4σ⌉ and half-sample symmetric borders
@@ -7,9 +12,17 @@ literature): a normalised Gaussian of radius ⌈4σ⌉ and half-sample symmetric
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from moleflow.config import ScoringConfig
+from moleflow.features.backbone import FeatureExtractor
+from moleflow.features.cache import FeatureSet
+from moleflow.model.mole_flow import MoLEFlow
+from moleflow.router import UNKNOWN, TaskRouter
 
 
 class ScoreError(FloatingPointError):
@@ -93,3 +106,110 @@ def image_score(scores: torch.Tensor, aggregation: str = "topk", top_k: int = 3)
     if aggregation == "mean":
         return flat.mean(dim=1)
     raise ValueError(f"scoring.aggregation must be one of topk, max, mean; got {aggregation!r}")
+
+
+# --------------------------------------------------------------------------- the scorer
+
+
+@dataclass
+class Scores:
+    """What the model says about a set of images, under given task ids."""
+
+    tasks: torch.Tensor  # (N,) the task each image was scored under (UNKNOWN: not scored)
+    image: torch.Tensor  # (N,) image scores (NaN where the task is UNKNOWN)
+    patch: torch.Tensor  # (N, H, W) patch scores
+    maps: torch.Tensor | None  # (N, S, S) anomaly maps, when asked for
+
+    def subset(self, index: torch.Tensor) -> "Scores":
+        return Scores(self.tasks[index], self.image[index], self.patch[index], None if self.maps is None else self.maps[index])
+
+
+class Scorer:
+    """A trained model and its router, turning features (or images, given the extractor) into scores.
+
+    Results are on the CPU; the flow runs on `device`. Images routed to `UNKNOWN` get no flow: NaN
+    image score, zero patch scores and map.
+    """
+
+    def __init__(self, model: MoLEFlow, router: TaskRouter, cfg: ScoringConfig, image_size: int, device: torch.device,
+                 extractor: FeatureExtractor | None = None) -> None:
+        self.model, self.router, self.cfg, self.image_size, self.device = model, router, cfg, image_size, device
+        self.extractor = extractor
+
+    # ---------------------------------------------------------------- routing
+
+    def _likelihood_fn(self, patches: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+        """For the hybrid router: mean patch NLL of images `index` of `patches` under `tasks`.
+        Always the NLL (a likelihood compares tasks), whatever `scoring.patch_score` the maps use."""
+        if self.router.mode != "hybrid":
+            return None
+
+        @torch.no_grad()
+        def nll(index: torch.Tensor, tasks: torch.Tensor) -> torch.Tensor:
+            x = patches[index.to(patches.device)].to(device=self.device, dtype=torch.float32)  # (b, H, W, C)
+            z, log_det = self.model.forward_routed(x, tasks.to(self.device))
+            return patch_scores(z, log_det, "nll").mean(dim=(1, 2)).cpu()
+
+        return nll
+
+    def route(self, patches: torch.Tensor, descriptors: torch.Tensor, true_tasks: torch.Tensor | None = None) -> torch.Tensor:
+        """Task id per image (B,) from its descriptor (and, hybrid, the flow's likelihood of its patches)."""
+        self.model.eval()
+        return self.router.route(descriptors.cpu(), true_tasks=true_tasks, task_nll=self._likelihood_fn(patches))
+
+    def route_features(self, features: FeatureSet, true_task: int) -> torch.Tensor:
+        true = torch.full((len(features),), true_task, dtype=torch.long)
+        return self.route(features.patches, features.descriptors, true_tasks=true)
+
+    # ---------------------------------------------------------------- scoring
+
+    @torch.no_grad()
+    def score_patches(self, patches: torch.Tensor, tasks: torch.Tensor, names: list[str], with_maps: bool = True) -> Scores:
+        """One batch: patches (B, H, W, C) under tasks (B,) → Scores; `names` (the files) for errors."""
+        self.model.eval()
+        b, h, w, _ = patches.shape
+        image = torch.full((b,), float("nan"))
+        patch = torch.zeros(b, h, w)
+        maps = torch.zeros(b, self.image_size, self.image_size) if with_maps else None
+        known = (tasks != UNKNOWN).nonzero().squeeze(1)
+        if len(known):
+            x = patches[known.to(patches.device)].to(device=self.device, dtype=torch.float32)  # (b, H, W, C)
+            z, log_det = self.model.forward_routed(x, tasks[known].to(self.device))
+            s = patch_scores(z, log_det, self.cfg.patch_score)  # (b, H, W)
+            require_finite(s, [names[i] for i in known.tolist()], f"anomaly scores under task(s) {sorted(set(tasks[known].tolist()))}")
+            patch[known] = s.cpu()
+            image[known] = image_score(s, self.cfg.aggregation, self.cfg.top_k).cpu()
+            if maps is not None:
+                maps[known] = anomaly_map(s, self.image_size, self.cfg.blur_sigma).cpu()
+        return Scores(tasks.clone(), image, patch, maps)
+
+    def score_features(self, features: FeatureSet, tasks: torch.Tensor, with_maps: bool = True, batch_size: int = 16) -> Scores:
+        """Cached features under `tasks` (N,), in batches; a batch that mixes tasks is split per task."""
+        parts = [self.score_patches(features.patches[s : s + batch_size], tasks[s : s + batch_size],
+                                    list(features.paths[s : s + batch_size]), with_maps)
+                 for s in range(0, len(features), batch_size)]
+        return Scores(tasks.clone(), torch.cat([p.image for p in parts]), torch.cat([p.patch for p in parts]),
+                      torch.cat([p.maps for p in parts]) if with_maps else None)
+
+    @torch.no_grad()
+    def score_images(self, images: torch.Tensor, names: list[str] | None = None) -> Scores:
+        """Images (B, 3, S, S) in [0, 1], product unknown → routed task, image score, map (needs the extractor)."""
+        if self.extractor is None:
+            raise ValueError("score_images needs the Scorer's feature extractor")
+        names = names or [f"image {i} of the batch" for i in range(len(images))]
+        patches, desc = self.extractor(images.to(self.device))  # (B, H, W, C), (B, D)
+        require_finite(patches, names, "backbone features")
+        return self.score_patches(patches, self.route(patches, desc), names)
+
+    # ---------------------------------------------------------------- analysis hook
+
+    @torch.no_grad()
+    def flow_parts(self, patches: torch.Tensor, task: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Patches (B, H, W, C) under `task` → z (B, H, W, C'), the flow's log|det J| (B, H, W) (base flow +
+        DIA, without the whitening constant), and each block's log-det in order (base blocks, then DIA)."""
+        self.model.eval()
+        blocks: list[torch.Tensor] = []
+        with self.model.use_task(task):
+            x = patches.to(device=self.device, dtype=torch.float32)
+            z, log_det = self.model.flow_forward(self.model.prepare(x), block_logdets=blocks)
+        return z.cpu(), log_det.cpu(), [b.cpu() for b in blocks]

@@ -161,12 +161,15 @@ class MoLEFlow(nn.Module):
             u = self.mixer(u)
         return u
 
-    def flow_forward(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """u (B, H, W, C') -> (z (B, H, W, C'), log|det J| (B, H, W)) through base flow + DIA[t]."""
-        z, log_det = self.flow(u)
+    def flow_forward(self, u: torch.Tensor, block_logdets: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """u (B, H, W, C') -> (z (B, H, W, C'), log|det J| (B, H, W)) through base flow + DIA[t].
+        `block_logdets`, when given, receives each coupling block's log-det, then DIA's (analyses)."""
+        z, log_det = self.flow(u, block_logdets=block_logdets)
         if self.cfg.dia_blocks > 0:
             z, ld = self.dia[self._require_active()](z)
             log_det = log_det + ld
+            if block_logdets is not None:
+                block_logdets.append(ld)
         return z, log_det
 
     def flow_inverse(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

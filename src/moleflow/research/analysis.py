@@ -48,7 +48,7 @@ from moleflow.data import ImageDataset, build_dataset, load_image
 from moleflow.features.cache import FeatureSet, extract_features
 from moleflow.model.loss import patch_nll, tail_aware_loss, tail_count
 from moleflow.model.mole_flow import MoLEFlow
-from moleflow.continual.jobs import System, load_system
+from moleflow.continual.system import System, load_system
 from moleflow.scoring import anomaly_map, patch_scores
 
 DPI = 110

@@ -1,0 +1,193 @@
+"""A trained system: backbone, flow with its task modules, router, and what each task is; built, saved, loaded.
+
+`learn_new_task` and `retrain_task` are the two ways a task's modules get trained (the methods in
+`methods.py` choose between them); both calibrate the task's decision threshold afterwards.
+
+Seeding, one rule for every job: the model is built right after `seed_everything(train.seed)`, and the
+k-th training of a run (k = 0, 1, …: the task index for moleflow, the scenario step for the baselines)
+starts from `seed_everything(train.seed + k)`. A resumed run or a later `add-task` thus trains task k
+from the same random state as an uninterrupted run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moleflow.config import Config, ConfigError, config_from_dict, config_to_dict
+from moleflow.continual.ogp import GradientMemory, task_gradients
+from moleflow.continual.scenario import display_name
+from moleflow.continual.train import fit_task, seed_everything
+from moleflow.data import build_dataset
+from moleflow.features.backbone import FeatureExtractor, resolve_device
+from moleflow.features.cache import FeatureSet, extract_features
+from moleflow.model import checkpoint
+from moleflow.model.checkpoint import CheckpointError, TaskRecord
+from moleflow.model.mole_flow import MoLEFlow
+from moleflow.router import Prototype, TaskRouter
+from moleflow.scoring import Scorer
+
+
+@dataclass
+class System:
+    """A backbone, the flow with its task modules, the router, and what each task is."""
+
+    cfg: Config
+    device: torch.device
+    extractor: FeatureExtractor
+    model: MoLEFlow
+    router: TaskRouter
+    tasks: list[TaskRecord] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason) left out by data.skip_bad
+    memory: GradientMemory | None = None  # earlier tasks' gradient subspaces (finetune with train.ogp)
+
+    @property
+    def scorer(self) -> Scorer:
+        return Scorer(self.model, self.router, self.cfg.scoring, self.cfg.data.image_size, self.device, self.extractor)
+
+
+def build_system(cfg: Config) -> System:
+    device = resolve_device(cfg.train.device)
+    extractor = FeatureExtractor(cfg.backbone, cfg.data.image_size, device)
+    model = MoLEFlow(cfg.model, extractor.out_channels).to(device)
+    router = TaskRouter(cfg.router.mode, cfg.router.hybrid_top_k, cfg.router.unknown, cfg.router.unknown_quantile,
+                        cfg.router.calibrated, cfg.router.descriptor, cfg.router.shrinkage, cfg.router.likelihood)
+    memory = GradientMemory(cfg.train.ogp_threshold, cfg.train.ogp_max_rank) if cfg.train.ogp else None
+    return System(cfg, device, extractor, model, router, memory=memory)
+
+
+def task_features(system: System, specs: list[str], split: str, progress: bool) -> FeatureSet:
+    """Features of the union of a task's classes (class names shown without a dataset prefix)."""
+    sets = []
+    for spec in specs:
+        ds = build_dataset(system.cfg.data, spec, split)
+        system.skipped += [(str(p), r) for p, r in ds.skipped if (str(p), r) not in system.skipped]
+        fs = extract_features(
+            system.extractor,
+            ds,
+            batch_size=system.cfg.backbone.batch_size,
+            cache_dir=system.cfg.backbone.cache_dir or None,
+            progress=progress,
+            desc=f"features {display_name(spec)}/{split}",
+        )
+        fs.class_names = [display_name(spec)] * len(fs)
+        sets.append(fs)
+    return sets[0] if len(sets) == 1 else FeatureSet.concat(sets)
+
+
+def calibrate_threshold(system: System, task: int, train: FeatureSet) -> tuple[float, float]:
+    """The decision threshold (a high quantile of the task's training-image scores) and the bottom of
+    its map colour scale (1st percentile of training patch scores)."""
+    s = system.scorer.score_features(train, torch.full((len(train),), task), with_maps=False)
+    threshold = float(np.quantile(s.image.numpy(), system.cfg.scoring.threshold_quantile))
+    return threshold, float(np.quantile(s.patch.numpy(), 0.01))
+
+
+def _train(system: System, t: int, specs: list[str], train: FeatureSet, progress: bool) -> tuple[TaskRecord, dict]:
+    """Train model task t on `train`, update the OGP memory, calibrate: the task's record and its log."""
+    log = fit_task(system.model, t, train, system.cfg.train, system.cfg.loss, system.device, progress=progress,
+                   memory=system.memory)
+    if system.memory is not None:
+        remember_gradients(system, t, train)
+    threshold, map_low = calibrate_threshold(system, t, train)
+    info = {"epoch_loss": log.epoch_loss, "seconds": log.seconds, "steps": log.steps, "n_train": len(train)}
+    if system.memory is not None:
+        info["ogp_directions"] = sum(system.memory.rank().values())  # stored so far, over all tensors
+    if log.grad_norms:
+        info["grad_norms"] = log.grad_norms  # per epoch, per coupling block (train.record_grad_norms)
+    return TaskRecord(t, [display_name(s) for s in specs], threshold, list(specs), map_low), info
+
+
+def learn_new_task(system: System, specs: list[str], train: FeatureSet, progress: bool, step: int) -> tuple[int, dict]:
+    """Add a task to the model and router and train only its modules (and, for task 0, the shared ones)."""
+    t = len(system.tasks)
+    seed_everything(system.cfg.train.seed + step)
+    system.model.add_task(t)
+    system.router.add_task(t, train.descriptors)
+    try:
+        record, info = _train(system, t, specs, train, progress)
+    except BaseException:
+        system.model.remove_task(t)
+        system.router.prototypes.pop(t, None)
+        raise
+    system.tasks.append(record)
+    return t, info
+
+
+def retrain_task(system: System, t: int, specs: list[str], train: FeatureSet, progress: bool, step: int) -> tuple[int, dict]:
+    """Train the existing model task t again, shared weights included (the `finetune` baseline)."""
+    seed_everything(system.cfg.train.seed + step)
+    system.tasks[t], info = _train(system, t, specs, train, progress)
+    return t, info
+
+
+def remember_gradients(system: System, t: int, train: FeatureSet) -> None:
+    """Add the gradient subspace of the task just learned (in model task t's weights) to the OGP memory."""
+    cfg = system.cfg.train
+    system.model.set_trainable(t)
+    try:
+        grads = task_gradients(system.model, t, train, system.cfg.loss, system.device, cfg.batch_size, cfg.ogp_batches)
+    finally:
+        for p in system.model.parameters():
+            p.requires_grad_(False)
+    system.memory.add(grads)
+
+
+def save_system(system: System, model_dir: Path, new_tasks: list[int] | None = None) -> dict:
+    """Write the model; only `new_tasks` (default: all) get their task files (re)written."""
+    new = range(len(system.tasks)) if new_tasks is None else new_tasks
+    task_tensors = {}
+    for t in new:
+        tensors = dict(system.model.task_state_dict(t))
+        tensors.update(system.router.prototypes[t].to_tensors())
+        task_tensors[t] = tensors
+    return checkpoint.write_model(
+        model_dir,
+        config=config_to_dict(system.cfg),
+        backbone=system.extractor.identity(),
+        channels=system.extractor.out_channels,
+        grid=system.extractor.grid,
+        shared=system.model.shared_state_dict(),
+        tasks=[TaskRecord(r.index, r.classes, r.threshold, r.specs, r.map_low) for r in system.tasks],
+        task_tensors=task_tensors,
+    )
+
+
+def load_system(model_dir: Path, cfg: Config | None = None) -> System:
+    """Rebuild a saved system (with `cfg` instead of its own config when given); the backbone and
+    dimensions must match what the model was trained on."""
+    model_dir = Path(model_dir)
+    manifest = checkpoint.read_manifest(model_dir)
+    try:
+        cfg = cfg or config_from_dict(manifest["config"])
+    except ConfigError as exc:
+        raise CheckpointError(f"{model_dir / checkpoint.MANIFEST}: its config is invalid: {exc}") from None
+    system = build_system(cfg)
+    ident = system.extractor.identity()
+    if ident != manifest["backbone"]:
+        diff = sorted(k for k in set(ident) | set(manifest["backbone"]) if ident.get(k) != manifest["backbone"].get(k))
+        raise CheckpointError(
+            f"{model_dir}: the backbone differs from the one the model was trained with ({', '.join(diff)}); "
+            "use the model's own backbone settings"
+        )
+    if system.extractor.out_channels != manifest["channels"] or list(system.extractor.grid) != manifest["grid"]:
+        raise CheckpointError(f"{model_dir}: feature dimensions differ from the model's ({manifest['channels']} channels, grid {manifest['grid']})")
+    system.model.load_shared_state_dict(checkpoint.read_checked(model_dir, manifest["shared"]))
+    for entry in manifest["tasks"]:
+        tensors = checkpoint.read_checked(model_dir, entry)
+        router_part = {k: v for k, v in tensors.items() if k.startswith("router.")}
+        model_part = {k: v for k, v in tensors.items() if not k.startswith("router.")}
+        system.model.load_task_state_dict(entry["index"], model_part)
+        system.router.set_prototype(entry["index"], Prototype.from_tensors(router_part))
+        system.tasks.append(
+            TaskRecord(entry["index"], entry["classes"], entry["threshold"], entry["specs"], entry["map_low"], entry["file"], entry["sha256"])
+        )
+    system.model.to(system.device).eval()
+    return system
+
+
+def saved_config(model_dir: Path) -> dict:
+    """The config a saved model was trained with, as a plain tree (for comparisons)."""
+    return checkpoint.read_manifest(Path(model_dir))["config"]
