@@ -161,3 +161,21 @@ def test_group_by_a_list_valued_key(tmp_path):
     run = make_run(tmp_path / "r", ["model.context_kernel=3"], 0.9)
     md = compare_runs([run], ["model.context_kernel", "scenario.tasks"], None)
     assert "## Group 1: model.context_kernel=3, scenario.tasks=[]" in md
+
+
+def test_results_of_an_unknown_format_version_are_skipped_with_the_reason(tmp_path):
+    good = make_run(tmp_path / "good", [], 0.9)
+    future = make_run(tmp_path / "future", [], 0.8)
+    data = json.loads((future / "results.json").read_text())
+    (future / "results.json").write_text(json.dumps({"format_version": 99, **data}))
+    md = compare_runs([good, future], [], None)
+    assert [r[1] for r in table_after(md, "## Group 1")] == ["good"]
+    assert "future`: results.json: format_version 99 cannot be read" in md.split("## Skipped")[1]
+
+
+def test_ranking_columns_are_the_registry_metrics_and_routing(tmp_path):
+    from moleflow.results.schema import METRICS, ROUTING
+
+    md = compare_runs([make_run(tmp_path / "a", [], 0.9)], [], None)
+    header = next(ln for ln in md.splitlines() if ln.startswith("| Rank"))
+    assert [c.strip() for c in header.strip("|").split("|")] == ["Rank", "Setting", *[m.short for m in (*METRICS, ROUTING)], "n seeds"]

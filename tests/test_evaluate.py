@@ -1,6 +1,7 @@
 import pytest
+from helpers import task_entry, typed_steps
 
-from moleflow.results.summary import forgetting, summarize
+from moleflow.results.schema import forgetting, summarize
 
 
 def test_forgetting_is_best_earlier_minus_final():
@@ -11,17 +12,20 @@ def test_forgetting_is_best_earlier_minus_final():
     assert forgetting([[0.9], [0.9, 0.5]]) == 0.0
 
 
-def _entry(t, auc, n=10, routing=1.0):
-    m = {"image_auroc": auc, "pixel_auroc": None, "pixel_ap": None, "aupro": None}
-    return {"task": t, **m, "routing_accuracy": routing, "oracle": dict(m), "n_test": n}
-
-
 def test_summarize_final_row_and_routing():
-    steps = [{"after_task": 0, "per_task": [_entry(0, 0.9)]},
-             {"after_task": 1, "per_task": [_entry(0, 0.8, routing=0.5), _entry(1, 0.7, n=30)]}]
+    steps = typed_steps([{"after_task": 0, "per_task": [task_entry(0, ["a"], 0.9)]},
+                         {"after_task": 1, "per_task": [task_entry(0, ["a"], 0.8, routing=0.5), task_entry(1, ["b"], 0.7, n_test=30)]}])
     f = summarize(steps)
-    assert f["image_auroc"] == pytest.approx(0.75)
-    assert f["pixel_ap"] is None
-    assert f["routing_accuracy"] == pytest.approx((0.5 * 10 + 30) / 40)
-    assert f["forgetting"]["image_auroc"] == pytest.approx(0.1)
-    assert f["matrices"]["image_auroc"] == [[0.9], [0.8, 0.7]]
+    assert f.routed.get("image_auroc") == pytest.approx(0.75)
+    assert f.routed.get("pixel_ap") is None
+    assert f.routing_accuracy == pytest.approx((0.5 * 10 + 30) / 40)  # weighted by test images
+    assert f.forgetting.get("image_auroc") == pytest.approx(0.1)
+    assert f.matrices["image_auroc"] == ((0.9,), (0.8, 0.7))
+
+
+def test_summary_of_baselines_has_no_routing_and_uses_the_oracle_block():
+    steps = typed_steps([{"after_task": 0, "per_task": [task_entry(0, ["a"], 0.6, routing=None, oracle_auroc=0.9)]}])
+    f = summarize(steps)
+    assert f.routing_accuracy is None
+    assert f.oracle.get("image_auroc") == 0.9 and f.routed.get("image_auroc") == 0.6
+    assert f.forgetting.get("image_auroc") == 0.0  # one step: nothing to forget

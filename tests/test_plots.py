@@ -11,17 +11,13 @@ import torch
 from matplotlib import colormaps
 from PIL import Image
 
-from moleflow.results.html import markdown_tables_to_html, write_report_html
-from moleflow.results.plots import (
-    MAP_CMAP,
-    TaskView,
-    colorize,
-    overlay,
-    panel_columns,
-    panel_rows,
-    save_prediction_pngs,
-    write_run_plots,
-)
+from helpers import run_results, task_entry
+
+from moleflow.results.html import html_table, write_report_html
+from moleflow.results.panels import MAP_CMAP, colorize, overlay, panel_columns, panel_rows, save_prediction_pngs
+from moleflow.results.plots import TaskView, write_run_plots
+from moleflow.results.schema import METRICS, RunResults
+from moleflow.results.tables import Table, final_table, markdown_table, metric_table
 
 S = 32
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -54,31 +50,21 @@ def _view(root: Path, task: int, name: str, with_masks: bool, seed: int) -> Task
                     maps=maps, masks=masks if with_masks else None, routed=routed)
 
 
-def _entry(task: int, classes: list[str], img: float, pix: float | None) -> dict:
-    m = {"image_auroc": img, "pixel_auroc": pix, "pixel_ap": None if pix is None else pix / 2, "aupro": pix}
-    return {"task": task, "classes": classes, **m, "routing_accuracy": 0.9, "oracle": dict(m),
-            "per_class": {classes[0]: dict(m)}, "n_test": 10, "n_defective": 5}
-
-
-def _results(with_train: bool = True, with_pixels: bool = True) -> dict:
+def _results(with_train: bool = True, with_pixels: bool = True) -> RunResults:
     pix = 0.95 if with_pixels else None
     steps = [
-        {"after_task": 0, "per_task": [_entry(0, ["bottle"], 0.99, pix)]},
-        {"after_task": 1, "per_task": [_entry(0, ["bottle"], 0.97, pix), _entry(1, ["mono"], 0.81, None)]},
+        {"after_task": 0, "per_task": [task_entry(0, ["bottle"], 0.99, pix, routing=0.9)]},
+        {"after_task": 1, "per_task": [task_entry(0, ["bottle"], 0.97, pix, routing=0.9), task_entry(1, ["mono"], 0.81, None, routing=0.9)]},
     ]
-    if with_train:
-        steps[0]["train"] = {"epoch_loss": [3.0, 1.5, 0.2, -0.5], "seconds": 12.0}
-        steps[1]["train"] = {"epoch_loss": [2.5, 1.0, 0.1, -0.3], "seconds": 10.0}
-    from moleflow.results.summary import summarize
-
-    results = {"tasks": [["bottle"], ["mono"]], "steps": steps, "final": summarize(steps)}
-    if with_train:
-        results["timings"] = {"features_s": 3.0, "train_s_per_task": [12.0, 10.0], "eval_s": 2.0}
-    return results
+    if not with_train:  # an `evaluate` run: no training, no timings
+        return run_results([["bottle"], ["mono"]], steps)
+    steps[0]["train"] = {"epoch_loss": [3.0, 1.5, 0.2, -0.5], "seconds": 12.0}
+    steps[1]["train"] = {"epoch_loss": [2.5, 1.0, 0.1, -0.3], "seconds": 10.0}
+    return run_results([["bottle"], ["mono"]], steps, timings={"features_s": 3.0, "train_s_per_task": [12.0, 10.0], "eval_s": 2.0})
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> tuple[Path, dict, list[TaskView], list[Path]]:
+def run(tmp_path_factory) -> tuple[Path, RunResults, list[TaskView], list[Path]]:
     root = tmp_path_factory.mktemp("plots")
     views = [_view(root / "data", 0, "bottle", with_masks=True, seed=0), _view(root / "data", 1, "mono", with_masks=False, seed=1)]
     results = _results()
@@ -160,15 +146,21 @@ def test_report_html_is_self_contained(run) -> None:
     assert "<script" not in page and "<link" not in page
     assert re.findall(r'src="(?!data:)', page) == []
     assert "feature extraction: 3.0 s" in page and "image_size: 32" in page
+    # the page shows the same tables as results.md, rendered from the same data
+    assert html_table(final_table(results)) in page
+    for m in METRICS:
+        if results.has_values(m.key):
+            assert html_table(metric_table(results, m.key)) in page
 
 
-def test_markdown_table_conversion() -> None:
-    md = "Title line\n\n| a | b<c |\n|:---:|:---:|\n| 1 | **2** |"
-    out = markdown_tables_to_html(md)
-    assert "<p>Title line</p>" in out
-    assert "<tr><th>a</th><th>b&lt;c</th></tr>" in out
-    assert "<tr><td>1</td><td><strong>2</strong></td></tr>" in out
-    assert "---" not in out
+def test_one_table_two_renderings() -> None:
+    table = Table(["a", "b<c"], [["1", "2"]], footer=["Mean", ""])
+    md = markdown_table(table)
+    assert md.splitlines() == ["| a | b<c |", "|:---:|:---:|", "| 1 | 2 |", "| **Mean** |  |"]
+    out = html_table(table)
+    assert "<tr><th>a</th><th>b&lt;c</th></tr>" in out  # escaped once, in HTML only
+    assert "<tr><td>1</td><td>2</td></tr>" in out
+    assert "<tr><td><strong>Mean</strong></td><td></td></tr>" in out  # the footer in bold, empty cells stay empty
 
 
 def test_colorize_and_overlay() -> None:

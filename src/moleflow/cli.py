@@ -206,10 +206,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(results: dict, run_dir: Path, seconds: float | None) -> None:
+    from moleflow.results.schema import RunResults
     from moleflow.results.tables import step_table
 
     print()
-    print(step_table(results))
+    print(step_table(RunResults.from_json(results)))
     if seconds is not None:
         print(f"\ntook {seconds:.0f} s")
     print(f"run directory: {run_dir}")

@@ -20,6 +20,7 @@ def demo_config_path() -> Path:
 
 def run_demo(run_dir: Path, add: Path | None, overrides: list[str], progress: bool = True) -> int:
     from moleflow.continual import jobs
+    from moleflow.results.schema import RunResults
     from moleflow.results.tables import step_table
 
     if add is not None:
@@ -36,11 +37,11 @@ def run_demo(run_dir: Path, add: Path | None, overrides: list[str], progress: bo
     results = jobs.run_fit(cfg, run_dir, progress=progress)
     seconds = time.perf_counter() - t0
     print()
-    print(step_table(results))
+    print(step_table(RunResults.from_json(results)))
     for metric in ("pixel_ap",):
         if any(e.get(metric) is not None for s in results["steps"] for e in s["per_task"]):
             print()
-            print(step_table(results, metric))
+            print(step_table(RunResults.from_json(results), metric))
     print(f"\ndemo took {seconds / 60:.1f} min ({seconds:.0f} s)")
     print(f"run directory: {run_dir}")
     report = Path(run_dir) / "report.html"

@@ -3,15 +3,12 @@
 The rules follow the notes' experiment-results.md: runs are compared only within a group of equal values
 of the `group_by` keys (lr, lambda_logdet, context kernel …), ranked by image AUROC, and a baseline's
 deltas are shown in percentage points. Runs whose configs differ only in `train.seed` are one *setting*
-and are reported as mean ± std over their seeds.
-
-This module also owns what a run directory looks like from the outside (the `DONE` marker, `grid.json`,
-the dotted flattening of config.yaml), so `grid.py` imports these names from here.
+and are reported as mean ± std over their seeds. Reading the run directories is `runs.py`; its names that
+`grid.py` uses stay importable from here.
 """
 from __future__ import annotations
 
 import difflib
-import json
 import math
 import re
 import statistics
@@ -19,180 +16,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from moleflow.config import Config, ConfigError, config_to_dict, parse_override
-from moleflow.results.tables import _table, fmt
-
-DONE_MARKER = "DONE"  # written by `moleflow grid` after run_fit returned: the run is complete
-GRID_FILE = "grid.json"  # a grid folder: lists its runs and their overrides
-SEED_KEY = "train.seed"
-
-# Keys that say how a run is shown, cached or placed, not what was trained: two runs that differ only
-# here are the same setting. A key matches an entry when it equals it or lies below it. data.root is
-# NOT here: two folder datasets differ only in their root, and merging them would be silently wrong.
-NON_SETTING_KEYS = ("output", "backbone.cache_dir", "train.device")
-
-# The final metrics shown, in table order: results.json `final` key -> column header.
-COLUMNS = {
-    "image_auroc": "Img AUROC",
-    "pixel_auroc": "Pix AUROC",
-    "pixel_ap": "Pix AP",
-    "aupro": "AUPRO",
-    "routing_accuracy": "Routing",
-}
-
-
-# --------------------------------------------------------------------------- helpers shared with grid.py
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """{'train': {'lr': 1e-4}} -> {'train.lr': 1e-4}; lists stay values."""
-    flat: dict[str, Any] = {}
-    for k, v in tree.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, dict) and v:
-            flat.update(flatten(v, key))
-        else:
-            flat[key] = v
-    return flat
-
-
-def is_non_setting(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in NON_SETTING_KEYS)
-
-
-def split_top_level(text: str, sep: str = ",") -> list[str]:
-    """Split on `sep` outside brackets and quotes: 'a,[1,2],b' -> ['a', '[1,2]', 'b']."""
-    parts, depth, quote, cur = [], 0, "", []
-    for ch in text:
-        if quote:
-            quote = "" if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "[{":
-            depth += 1
-        elif ch in "]}":
-            depth -= 1
-        elif ch == sep and depth == 0:
-            parts.append("".join(cur))
-            cur = []
-            continue
-        cur.append(ch)
-    parts.append("".join(cur))
-    return parts
-
-
-def hashable_value(v: Any) -> Any:
-    """A config value usable as a dict key / in a set (lists and mappings as canonical JSON)."""
-    return json.dumps(v, sort_keys=True) if isinstance(v, (list, dict)) else v
-
-
-def show_value(v: Any) -> str:
-    """A config value as a user would type it in an override."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if v is None:
-        return "null"
-    if isinstance(v, (list, dict)):
-        return json.dumps(v, separators=(",", ":")).replace('"', "")
-    return str(v)
-
-
-# --------------------------------------------------------------------------- reading runs
-
-
-@dataclass
-class Run:
-    name: str
-    path: Path
-    config: dict[str, Any]  # flattened config.yaml
-    final: dict[str, float | None]
-
-
-@dataclass
-class Skipped:
-    path: Path
-    reason: str
-
-
-def _finished_reason(results: dict) -> str | None:
-    """Why results.json is not a finished run's, or None when it is."""
-    steps, tasks = results.get("steps") or [], results.get("tasks") or []
-    if not isinstance(results.get("final"), dict):
-        return "results.json has no final metrics"
-    if steps and tasks and steps[-1].get("after_task") != len(tasks) - 1:
-        return f"unfinished: results after task {steps[-1].get('after_task')} of {len(tasks)} tasks (0-based)"
-    return None
-
-
-def load_run(path: Path, need_done: bool = False) -> Run | Skipped:
-    """Read one run directory; a problem gives a `Skipped` with the reason instead of an exception."""
-    path = Path(path)
-    if not path.is_dir():
-        return Skipped(path, "no such directory")
-    res_path, cfg_path = path / "results.json", path / "config.yaml"
-    if not res_path.is_file():
-        return Skipped(path, "not finished or not a run directory: results.json is missing")
-    if need_done and not (path / DONE_MARKER).is_file():
-        return Skipped(path, f"unfinished grid run: no {DONE_MARKER} marker")
-    if not cfg_path.is_file():
-        return Skipped(path, "config.yaml is missing")
-    try:
-        results = json.loads(res_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return Skipped(path, f"results.json is unreadable ({exc})")
-    try:
-        cfg = yaml.safe_load(cfg_path.read_text())
-    except yaml.YAMLError as exc:
-        return Skipped(path, f"config.yaml is not valid YAML ({exc.__class__.__name__})")
-    if not isinstance(results, dict) or not isinstance(cfg, dict):
-        return Skipped(path, "results.json or config.yaml does not hold a mapping")
-    reason = _finished_reason(results)
-    if reason:
-        return Skipped(path, reason)
-    final = {k: results["final"].get(k) for k in COLUMNS}
-    return Run(path.name, path, flatten(cfg), final)
-
-
-def _grid_members(grid_dir: Path) -> list[Path] | Skipped:
-    try:
-        listing = json.loads((grid_dir / GRID_FILE).read_text())
-        return [grid_dir / r["name"] for r in listing["runs"]]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-        return Skipped(grid_dir, f"{GRID_FILE} is unreadable ({exc.__class__.__name__}: {exc})")
-
-
-def collect_runs(run_dirs: list[Path]) -> tuple[list[Run], list[Skipped]]:
-    """Load the given directories; a grid folder (with grid.json) stands for its runs."""
-    runs: list[Run] = []
-    skipped: list[Skipped] = []
-    seen: set[Path] = set()
-    for d in run_dirs:
-        d = Path(d)
-        if (d / GRID_FILE).is_file():
-            members = _grid_members(d)
-            if isinstance(members, Skipped):
-                skipped.append(members)
-                continue
-            items = [(m, True) for m in members]
-        else:
-            items = [(d, (d.parent / GRID_FILE).is_file())]  # a grid's run given on its own needs DONE too
-        for path, need_done in items:
-            key = path.resolve()
-            if key in seen:  # the same run given twice (directly and through its grid) counts once
-                continue
-            seen.add(key)
-            r = load_run(path, need_done)
-            (runs if isinstance(r, Run) else skipped).append(r)
-    # Directory names are the run names; two grids both holding "loss.tail_weight=0" need their parent.
-    counts: dict[str, int] = {}
-    for r in runs:
-        counts[r.name] = counts.get(r.name, 0) + 1
-    for r in runs:
-        if counts[r.name] > 1:
-            r.name = f"{r.path.parent.name}/{r.path.name}"
-    return runs, skipped
+from moleflow.research.runs import (  # noqa: F401  DONE_MARKER, GRID_FILE, split_top_level: imported from here by grid.py
+    DONE_MARKER,
+    GRID_FILE,
+    REPORTED,
+    SEED_KEY,
+    Run,
+    collect_runs,
+    flatten,
+    hashable_value,
+    is_non_setting,
+    show_value,
+    split_top_level,
+)
+from moleflow.results.schema import get_metric
+from moleflow.results.tables import Table, fmt, markdown_table
 
 
 # --------------------------------------------------------------------------- settings and groups
@@ -313,14 +152,15 @@ def _delta(a: float | None, b: float | None) -> str:
 
 
 def delta_table(settings: list[Setting], base: Setting) -> str:
-    header = ["Setting", "Img AUROC", "Pix AP", "Δ Img AUROC (pp)", "Δ Pix AP (pp)"]
-    rows = [[f"{base.label} (baseline)", fmt(base.mean("image_auroc")), fmt(base.mean("pixel_ap")), "-", "-"]]
+    """Image AUROC and pixel AP of each setting, and their differences to the baseline's."""
+    keys = ("image_auroc", "pixel_ap")
+    labels = [get_metric(k).short for k in keys]
+    header = ["Setting", *labels, *[f"Δ {label} (pp)" for label in labels]]
+    rows = [[f"{base.label} (baseline)", *[fmt(base.mean(k)) for k in keys], *["-"] * len(keys)]]
     for s in settings:
-        if s is base:
-            continue
-        rows.append([s.label, fmt(s.mean("image_auroc")), fmt(s.mean("pixel_ap")),
-                     _delta(s.mean("image_auroc"), base.mean("image_auroc")), _delta(s.mean("pixel_ap"), base.mean("pixel_ap"))])
-    return _table(header, rows)
+        if s is not base:
+            rows.append([s.label, *[fmt(s.mean(k)) for k in keys], *[_delta(s.mean(k), base.mean(k)) for k in keys]])
+    return markdown_table(Table(header, rows))
 
 
 # --------------------------------------------------------------------------- the report
@@ -354,9 +194,63 @@ def _run_names(setting: Setting) -> str:
 
 
 def ranking_table(settings: list[Setting]) -> str:
-    header = ["Rank", "Setting", *COLUMNS.values(), "n seeds"]
-    rows = [[str(i), s.label, *[s.cell(m) for m in COLUMNS], str(len(s.runs))] for i, s in enumerate(settings, 1)]
-    return _table(header, rows)
+    header = ["Rank", "Setting", *[m.short for m in REPORTED], "n seeds"]
+    rows = [[str(i), s.label, *[s.cell(m.key) for m in REPORTED], str(len(s.runs))] for i, s in enumerate(settings, 1)]
+    return markdown_table(Table(header, rows))
+
+
+def _overview(group_by: list[str], ordered: list[tuple[tuple, list[Setting]]]) -> list[str]:
+    """The lines above the groups: what the numbers are and, when grouped, a table of the groups."""
+    parts = ["# Run comparison", "",
+             "Final metrics after the last task (routing on); mean ± std over seeds (sample std, ddof=1) "
+             "where a setting has several seeds; Δ in percentage points.", ""]
+    if not group_by:
+        return parts + ["Grouped by: nothing (all runs in one group).", ""]
+    header = ["Group", *group_by, "settings", "runs"]
+    rows = [[str(i), *[show_value(s_list[0].config.get(k)) for k in group_by], str(len(s_list)), str(sum(len(s.runs) for s in s_list))]
+            for i, (_, s_list) in enumerate(ordered, 1)]
+    return parts + [f"Grouped by: {', '.join(group_by)} — settings are compared only within a group.", "",
+                    markdown_table(Table(header, rows)), ""]
+
+
+@dataclass
+class _BaselineSearch:
+    name: str
+    found: bool = False
+    ambiguous: list[str] = field(default_factory=list)
+
+
+def _group_section(i: int, s_list: list[Setting], group_by: list[str], search: _BaselineSearch | None, n_groups: int) -> list[str]:
+    """One group: its settings ranked, their runs, and the delta table against the baseline when it is here."""
+    varying = _varying_keys(s_list)
+    for s in s_list:
+        s.label = _label(s, varying)
+    s_list.sort(key=_rank_key)
+    title = ", ".join(f"{k}={show_value(s_list[0].config.get(k))}" for k in group_by) if group_by else "all runs"
+    parts = [f"## Group {i}: {title}", "", ranking_table(s_list), ""]
+    parts += ["Runs:", *[f"- {s.label}: {_run_names(s)}" for s in s_list], ""]
+    if search is None:
+        return parts
+    base, note = find_baseline(search.name, s_list)
+    if base is not None:
+        search.found = True
+        if len(s_list) > 1:
+            parts += [f"### Δ against {base.label}", "", delta_table(s_list, base), ""]
+        return parts
+    if "matches" in note:
+        search.ambiguous.append(f"group {i}: {note}")
+    if n_groups > 1:
+        parts += [f"No delta table: {note}.", ""]
+    return parts
+
+
+def _baseline_not_found(search: _BaselineSearch, runs: list[Run]) -> ConfigError:
+    if search.ambiguous:
+        return ConfigError(f"baseline '{search.name}' is ambiguous ({search.ambiguous[0]}); add the other varying keys, "
+                           "e.g. 'loss.tail_weight=0, model.context_kernel=3', or give a run directory name")
+    names = sorted(r.name for r in runs)
+    return ConfigError(f"baseline '{search.name}' matches no run or setting; run names: {', '.join(names[:10])}"
+                       + (" …" if len(names) > 10 else ""))
 
 
 def compare_runs(run_dirs: list[Path], group_by: list[str], baseline: str | None) -> str:
@@ -365,60 +259,19 @@ def compare_runs(run_dirs: list[Path], group_by: list[str], baseline: str | None
     group_by = [k.strip() for k in group_by if k.strip()]
     runs, skipped = collect_runs(run_dirs)
     _check_group_by(group_by, runs)
-    settings = group_settings(runs)
-
     groups: dict[tuple, list[Setting]] = {}
-    for s in settings:
+    for s in group_settings(runs):
         groups.setdefault(tuple(hashable_value(s.config.get(k)) for k in group_by), []).append(s)
     ordered = sorted(groups.items(), key=lambda kv: [_order(v) for v in kv[0]])
 
-    parts = ["# Run comparison", ""]
-    parts.append("Final metrics after the last task (routing on); mean ± std over seeds (sample std, ddof=1) "
-                 "where a setting has several seeds; Δ in percentage points.")
-    parts.append("")
-    if group_by:
-        parts.append(f"Grouped by: {', '.join(group_by)} — settings are compared only within a group.")
-        parts.append("")
-        header = ["Group", *group_by, "settings", "runs"]
-        rows = [[str(i), *[show_value(s_list[0].config.get(k)) for k in group_by], str(len(s_list)), str(sum(len(s.runs) for s in s_list))]
-                for i, (_, s_list) in enumerate(ordered, 1)]
-        parts += [_table(header, rows), ""]
-    else:
-        parts += ["Grouped by: nothing (all runs in one group).", ""]
+    parts = _overview(group_by, ordered)
     if not runs:
         parts += ["No finished runs to compare.", ""]
-
-    baseline_found = False
-    ambiguous: list[str] = []
+    search = _BaselineSearch(baseline) if baseline else None
     for i, (_, s_list) in enumerate(ordered, 1):
-        varying = _varying_keys(s_list)
-        for s in s_list:
-            s.label = _label(s, varying)
-        s_list.sort(key=_rank_key)
-        title = ", ".join(f"{k}={show_value(s_list[0].config.get(k))}" for k in group_by) if group_by else "all runs"
-        parts += [f"## Group {i}: {title}", "", ranking_table(s_list), ""]
-        parts += ["Runs:", *[f"- {s.label}: {_run_names(s)}" for s in s_list], ""]
-        if baseline:
-            base, note = find_baseline(baseline, s_list)
-            if base is not None:
-                baseline_found = True
-                if len(s_list) > 1:
-                    parts += [f"### Δ against {base.label}", "", delta_table(s_list, base), ""]
-            else:
-                if "matches" in note:
-                    ambiguous.append(f"group {i}: {note}")
-                if len(ordered) > 1:
-                    parts += [f"No delta table: {note}.", ""]
-    if baseline and runs and not baseline_found:
-        if ambiguous:
-            raise ConfigError(f"baseline '{baseline}' is ambiguous ({ambiguous[0]}); add the other varying keys, "
-                              "e.g. 'loss.tail_weight=0, model.context_kernel=3', or give a run directory name")
-        names = sorted(r.name for r in runs)
-        raise ConfigError(f"baseline '{baseline}' matches no run or setting; run names: {', '.join(names[:10])}"
-                          + (" …" if len(names) > 10 else ""))
-
+        parts += _group_section(i, s_list, group_by, search, len(ordered))
+    if search is not None and runs and not search.found:
+        raise _baseline_not_found(search, runs)
     if skipped:
-        parts += ["## Skipped", ""]
-        parts += [f"- `{s.path}`: {s.reason}" for s in skipped]
-        parts.append("")
+        parts += ["## Skipped", "", *[f"- `{s.path}`: {s.reason}" for s in skipped], ""]
     return "\n".join(parts)
