@@ -7,13 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from moleflow.research.analysis import (
-    analyze_tail,
+from moleflow.cli import main
+from moleflow.config import LossConfig, ModelConfig, ScoringConfig
+from moleflow.model.loss import tail_count
+from moleflow.model.mole_flow import MoLEFlow
+from moleflow.research.analysis import analyze_tail
+from moleflow.research.analysis.loading import flow_outputs
+from moleflow.research.analysis.statistics import (
     border_distance,
     border_ks,
     effective_count,
     fisher_ratio,
-    flow_outputs,
     gini,
     gradient_cells,
     histogram_overlap,
@@ -21,10 +25,8 @@ from moleflow.research.analysis import (
     loss_patch_weights,
     loss_weight_gini_exact,
 )
-from moleflow.cli import main
-from moleflow.config import LossConfig, ModelConfig
-from moleflow.model.loss import tail_count
-from moleflow.model.mole_flow import MoLEFlow
+from moleflow.router import TaskRouter
+from moleflow.scoring import Scorer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -106,22 +108,25 @@ def test_loss_weights_are_exact(w, rho):
     assert loss_weight_gini_exact(w, rho, n) == pytest.approx(w * (1 - k / n))
 
 
-def test_flow_outputs_match_the_model():
-    cfg = ModelConfig(coupling_blocks=3, lora_rank=2, context_kernel=3, dia_blocks=2)
+@pytest.mark.parametrize("dia_blocks", [2, 0])
+def test_flow_outputs_match_the_model(dia_blocks):
+    cfg = ModelConfig(coupling_blocks=3, lora_rank=2, context_kernel=3, dia_blocks=dia_blocks)
     model = MoLEFlow(cfg, 6)
     model.add_task(0)
-    with torch.no_grad():  # move the zero-initialised DIA off the identity so its log-det is not 0
-        for p in model.dia["0"].parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    if dia_blocks:
+        with torch.no_grad():  # move the zero-initialised DIA off the identity so its log-det is not 0
+            for p in model.dia["0"].parameters():
+                p.add_(0.05 * torch.randn_like(p))
     x = torch.randn(5, 4, 4, 6)
-    out = flow_outputs(model, 0, x, torch.device("cpu"), batch_size=2)
+    scorer = Scorer(model, TaskRouter(), ScoringConfig(), 32, torch.device("cpu"))
+    out = flow_outputs(scorer, 0, x, dia_blocks, batch_size=2)
     with torch.no_grad(), model.use_task(0):
         z, ld = model(x)
     torch.testing.assert_close(out.z, z)
     torch.testing.assert_close(out.log_det, ld)
     assert len(out.block_logdets) == 3
     torch.testing.assert_close(sum(out.block_logdets) + out.dia_logdet, ld)
-    assert out.dia_logdet.abs().sum() > 0
+    assert (out.dia_logdet.abs().sum() > 0) == bool(dia_blocks)
 
 
 # --------------------------------------------------------------------------- end to end
