@@ -6,13 +6,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from moleflow.cli import main
 from moleflow.config import LossConfig, ModelConfig, ScoringConfig
 from moleflow.model.loss import tail_count
 from moleflow.model.mole_flow import MoLEFlow
 from moleflow.research.analysis import analyze_tail
-from moleflow.research.analysis.loading import flow_outputs
+from moleflow.research.analysis.loading import flow_outputs, read_task_results
 from moleflow.research.analysis.statistics import (
     border_distance,
     border_ks,
@@ -105,7 +107,19 @@ def test_loss_weights_are_exact(w, rho):
     expected[nll.topk(k).indices] += w / k
     torch.testing.assert_close(weights.reshape(-1).double(), expected, rtol=1e-5, atol=1e-7)
     assert gini(weights) == pytest.approx(loss_weight_gini_exact(w, rho, n), abs=1e-5)
-    assert loss_weight_gini_exact(w, rho, n) == pytest.approx(w * (1 - k / n))
+
+
+@settings(max_examples=200, deadline=None)
+@given(w=st.floats(0.0, 1.0), rho=st.floats(1e-3, 1.0), n=st.integers(1, 3000))
+def test_exact_gini_is_the_gini_of_the_two_level_weights(w, rho, n):
+    # the closed form against the general Gini of the weights it describes: K at (1−w)/N + w/K, the rest (1−w)/N
+    k = tail_count(n, rho)
+    weights = np.full(n, (1 - w) / n)
+    weights[:k] += w / k
+    exact = loss_weight_gini_exact(w, rho, n)
+    assert exact == pytest.approx(gini(weights), abs=1e-9)
+    assert 0.0 <= exact <= w * (1 - 1 / n) + 1e-12  # at most one patch carrying all of the tail share
+    assert loss_weight_gini_exact(w, min(1.0, 2 * rho), n) <= exact + 1e-12  # a larger tail spreads the weight
 
 
 @pytest.mark.parametrize("dia_blocks", [2, 0])
@@ -172,3 +186,15 @@ def test_analyze_tail_names_a_missing_run(tmp_path):
         (tmp_path / "r").mkdir()
         (tmp_path / "r" / "config.yaml").write_text("{}")
         analyze_tail(tmp_path / "r", tmp_path / "r", tmp_path / "out", progress=False)
+
+
+def test_read_task_results_takes_the_last_step_and_the_learning_step(tmp_path):
+    steps = [{"after_task": 0, "train": {"grad_norms": [{"block0": 1.0}, {"block0": 0.5}]},
+              "per_task": [{"task": 0, "image_auroc": 0.5}]},
+             {"after_task": 1, "train": {}, "per_task": [{"task": 1, "image_auroc": 0.7}, {"task": 0, "image_auroc": 0.9, "pixel_ap": 0.3}]}]
+    (tmp_path / "results.json").write_text(json.dumps({"steps": steps}))
+    first = read_task_results(tmp_path, 0)
+    assert first.metrics == {"image_auroc": 0.9, "pixel_auroc": None, "pixel_ap": 0.3, "aupro": None}
+    assert first.grad_norms == [{"block0": 1.0}, {"block0": 0.5}]
+    assert read_task_results(tmp_path, 1).grad_norms == []  # learned without train.record_grad_norms
+    assert set(read_task_results(tmp_path, 5).metrics.values()) == {None}  # a task the run does not have
