@@ -138,14 +138,13 @@ def main(argv: list[str] | None = None) -> int:
         for i, order in enumerate(orders):
             run_dir = (args.out or Path(tmp)) / f"order{i}"
             run = moleflow_run(order, root, args.set, run_dir)
-            res = run["results"]
-            final = res["steps"][-1]["per_task"]
-            for entry in final:
-                cells.append({"category": entry["classes"][0], "task": entry["task"], "order": " → ".join(order),
-                              "metrics": {k: entry[k] for k in KEYS}, "routing": entry["routing_accuracy"]})
-            runs.append({"order": order, "wall_s": run["wall_s"], "train_s_per_task": res["timings"]["train_s_per_task"],
-                         "forgetting": res["final"]["forgetting"], "routing_accuracy": res["final"]["routing_accuracy"],
-                         "final": {k: res["final"][k] for k in KEYS}})
+            res = run["results"]  # RunResults
+            for entry in res.steps[-1].per_task:
+                cells.append({"category": entry.classes[0], "task": entry.task, "order": " → ".join(order),
+                              "metrics": {k: entry.value(k) for k in KEYS}, "routing": entry.routing_accuracy})
+            runs.append({"order": order, "wall_s": run["wall_s"], "train_s_per_task": list(res.timings.train_s_per_task),
+                         "forgetting": res.final.forgetting.to_json(), "routing_accuracy": res.final.routing_accuracy,
+                         "final": {k: res.final.routed.get(k) for k in KEYS}})
 
     cfg = load_config(None, args.set)
     print(f"moleflow (default model{' + ' + ' '.join(args.set) if args.set else ''}; {cfg.train.epochs} epochs per task) "

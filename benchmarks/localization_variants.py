@@ -8,7 +8,8 @@ question "is the information in the features?"): per-patch distance, the same ma
 image score = max patch.
 `flow`: learns the given categories in order as tasks 0, 1, ... of one model (complete separation, the
 training code of `moleflow fit`), scores each task's test set under its own task (no routing: this isolates
-the density model from the router), and prints the four metrics per task. `--parts` also scores each
+the density model from the router), and prints the four metrics per task. `--post` also scores the same patch scores under other map blurs and image-score
+aggregations. `--parts` also scores each
 task by ½‖z‖² alone, by −log|det J| alone and, with statistics whitening, by the whitened features' ½‖u‖²
 alone (a Gaussian of the task's patches: the flow's starting point).
 Features come from the default backbone through moleflow's disk cache (`--cache`), so repeated runs skip it.
@@ -82,7 +83,20 @@ def score_parts(model: MoLEFlow, t: int, test: FeatureSet, top_k: int, size: int
     return out
 
 
-def flow(folders: list[Path], overrides: list[str], cache: str, parts: bool) -> list[dict]:
+def post_processing(test: FeatureSet, patch: torch.Tensor, size: int, sigma: float, top_k: int) -> dict:
+    """The same patch scores (M, H, W) under other map blurs and image scores: what the post-processing
+    alone changes (the flow is not retrained)."""
+    out = {}
+    for s in (0.0, 2.0, 4.0, 8.0):
+        out[f"blur{s:g}"] = metrics(test, image_score(patch, "topk", top_k), anomaly_map(patch, size, s))
+    maps = anomaly_map(patch, size, sigma)
+    for k in (1, 10, 50):
+        out[f"top{k}"] = metrics(test, image_score(patch, "topk", k), maps)
+    out["map_max"] = metrics(test, maps.flatten(1).max(1).values, maps)
+    return out
+
+
+def flow(folders: list[Path], overrides: list[str], cache: str, parts: bool, post: bool = False) -> list[dict]:
     cfg = load_config(None, overrides)
     seed_everything(cfg.train.seed)
     device = torch.device("cpu")
@@ -102,6 +116,8 @@ def flow(folders: list[Path], overrides: list[str], cache: str, parts: bool) -> 
         row = {"task": t, "category": folder.name, **metrics(test, sc.image, sc.maps), "train_s": round(time.perf_counter() - t0, 1)}
         if parts:
             row["parts"] = score_parts(model, t, test, cfg.scoring.top_k, cfg.data.image_size, cfg.scoring.blur_sigma)
+        if post:
+            row["post"] = post_processing(test, sc.patch, cfg.data.image_size, cfg.scoring.blur_sigma, cfg.scoring.top_k)
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -114,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="moleflow config overrides KEY=VALUE")
     ap.add_argument("--category", action="append", default=None, help="knn: class folder (repeatable)")
     ap.add_argument("--parts", action="store_true")
+    ap.add_argument("--post", action="store_true", help="also score under other map blurs and image-score aggregations")
     ap.add_argument("--cache", default=".cache/features", help="feature cache folder (default %(default)s)")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args(argv)
@@ -125,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.categories:
         ap.error("flow needs the categories, e.g. ../shared/data/mvtec_ad/bottle,../shared/data/mvtec_ad/transistor")
-    flow([Path(c) for c in args.categories.split(",")], args.overrides, args.cache, args.parts)
+    flow([Path(c) for c in args.categories.split(",")], args.overrides, args.cache, args.parts, args.post)
     return 0
 
 

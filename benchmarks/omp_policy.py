@@ -24,12 +24,12 @@ SETTINGS = {
 
 CHILD = r"""
 import sys, time, torch
-from moleflow.config import Config
-from moleflow.features import FeatureSet
-from moleflow.model import MoLEFlow
-from moleflow.train import fit_task
+from moleflow.config import load_config
+from moleflow.features.cache import FeatureSet
+from moleflow.model.mole_flow import MoLEFlow
+from moleflow.continual.train import fit_task
 n = int(sys.argv[1])
-cfg = Config(); cfg.train.epochs = 1
+cfg = load_config(None, ["train.epochs=1"])
 x = torch.randn(n, 32, 32, 152, generator=torch.Generator().manual_seed(0)).half()  # (N, H, W, C)
 fs = FeatureSet(x, torch.randn(n, 10), torch.zeros(n, dtype=torch.long), None, ["a"] * n, ["c"] * n)
 model = MoLEFlow(cfg.model, 152); model.add_task(0)

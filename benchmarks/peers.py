@@ -9,7 +9,7 @@ anomalib lives in its own virtualenv so that the main .venv stays clean:
 
 Every model sees the same thing:
 - backbone: tf_efficientnet_lite0 with moleflow's offline ImageNet weights (EfficientNet-PyTorch file renamed
-  onto timm's modules by moleflow.backbone), layers [2, 3] (timm out_indices), input normalised with the
+  onto timm's modules by moleflow.features.weights), layers [2, 3] (timm out_indices), input normalised with the
   weights' own mean/std; anomalib's TimmFeatureExtractor is built with pre_trained=False and gets these
   weights loaded strictly, so nothing is downloaded;
 - images: decoded once (256 px, moleflow's reader), training and test sets in memory, so file reading is in
@@ -343,7 +343,7 @@ def run_moleflow(cat: Category, epochs: int, batch: int, overrides: list[str]) -
         maps.append(m)
     infer_s = time.perf_counter() - t0
     return Outcome(torch.cat(scores).numpy(), torch.cat(maps).numpy(), train_s, len(cat.test) / infer_s,
-                   {"fit_s": info["seconds"], "epoch_loss": info["epoch_loss"]})
+                   {"fit_s": info.seconds, "epoch_loss": list(info.epoch_loss)})
 
 
 # --------------------------------------------------------------------------- the table

@@ -31,6 +31,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import copy
+import dataclasses
 import json
 import platform
 import resource
@@ -174,7 +175,7 @@ def train_task(system: System, spec: str, progress: bool) -> TrainTiming:
     t1 = time.perf_counter()
     _, info = learn_new_task(system, [spec], train, progress, step=len(system.tasks))
     t2 = time.perf_counter()
-    return TrainTiming(len(train), t1 - t0, t2 - t1, float(info["seconds"]))
+    return TrainTiming(len(train), t1 - t0, t2 - t1, float(info.seconds))
 
 
 def timing_task_features(system: System, specs: list[str], n_tasks: int, per_task: int) -> list[tuple[str, FeatureSet]]:
@@ -183,9 +184,7 @@ def timing_task_features(system: System, specs: list[str], n_tasks: int, per_tas
     cfg = system.cfg
     sources = {}
     for spec in specs:
-        data_cfg = copy.deepcopy(cfg.data)
-        data_cfg.max_train_images = 0
-        sources[spec] = build_dataset(data_cfg, spec, "train")
+        sources[spec] = build_dataset(dataclasses.replace(cfg.data, max_train_images=0), spec, "train")
     out = []
     for i in range(n_tasks):
         spec = specs[i % len(specs)]
@@ -200,13 +199,13 @@ def timing_task_features(system: System, specs: list[str], n_tasks: int, per_tas
 
 def add_timing_tasks(system: System, sets: list[tuple[str, FeatureSet]], epochs: int) -> None:
     """Learn each set as one more task, `epochs` epochs each (the tasks only exist to be routed over)."""
-    saved = system.cfg.train.epochs
-    system.cfg.train.epochs = epochs
+    saved = system.cfg
+    system.cfg = dataclasses.replace(saved, train=dataclasses.replace(saved.train, epochs=epochs))
     try:
         for name, fs in sets:
             learn_new_task(system, [name], fs, progress=False, step=len(system.tasks))
     finally:
-        system.cfg.train.epochs = saved
+        system.cfg = saved
 
 
 def mixed_images(system: System, category_images: torch.Tensor, specs: list[str], n: int) -> torch.Tensor:

@@ -1,10 +1,83 @@
-"""Builders of results.json parts for tests, in the layout the jobs write (see moleflow.results.schema)."""
+"""Helpers shared by several test modules: tiny generated datasets, where the real data and configs are,
+and builders of results.json parts in the layout the jobs write (see moleflow.results.schema).
+
+Fixtures built on them live in conftest.py; test modules import these functions from here, never from
+another test module.
+"""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from moleflow.results.schema import METRIC_KEYS, RunResults, Step, summarize
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def write_striped_class(root: Path, name: str, colour: tuple[int, int, int], seed: int, size: int = 64) -> None:
+    """MVTec layout; each class has its own colour and stripe texture, defects are white squares."""
+    rng = np.random.default_rng(seed)
+    yy = np.arange(size)[:, None, None]
+
+    def good() -> np.ndarray:
+        base = np.array(colour, np.float32)[None, None, :] * (0.75 + 0.25 * np.sin(yy / (2 + seed)))
+        return np.clip(base + rng.normal(0, 6, (size, size, 3)), 0, 255).astype(np.uint8)
+
+    for sub, n in (("train/good", 10), ("test/good", 4)):
+        (root / name / sub).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(good()).save(root / name / sub / f"{i:03d}.png")
+    (root / name / "test/hole").mkdir(parents=True)
+    (root / name / "ground_truth/hole").mkdir(parents=True)
+    for k in range(4):
+        img, mask = good(), np.zeros((size, size), np.uint8)
+        y0, x0 = 8 + 10 * k, 6 + 9 * k
+        img[y0 : y0 + 12, x0 : x0 + 12] = 255
+        mask[y0 : y0 + 12, x0 : x0 + 12] = 255
+        Image.fromarray(img).save(root / name / "test/hole" / f"{k:03d}.png")
+        Image.fromarray(mask).save(root / name / "ground_truth/hole" / f"{k:03d}_mask.png")
+
+
+def shared_data_path() -> Path:
+    """../shared/data beside the checkout, or $MOLEFLOW_SHARED_DATA."""
+    env = os.environ.get("MOLEFLOW_SHARED_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+
+def write_tiny_mvtec(root: Path, classes: tuple[str, ...] = ("bottle",), size: int = 32, seed: int = 0) -> Path:
+    """An MVTec-layout dataset under `root`: per class 4 train goods, 2 test goods, 2 defects with masks.
+
+    Images are dark noise; defect k of a class has a bright square at its own place, and its mask
+    (ground_truth/broken/00k_mask.png, values 0/255) marks exactly that square.
+    """
+    rng = np.random.default_rng(seed)
+
+    def noise() -> np.ndarray:
+        return rng.integers(0, 100, size=(size, size, 3), dtype=np.uint8)  # (H, W, 3)
+
+    for c in classes:
+        for sub, n in (("train/good", 4), ("test/good", 2)):
+            (root / c / sub).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(noise()).save(root / c / sub / f"{i:03d}.png")
+        (root / c / "test/broken").mkdir(parents=True, exist_ok=True)
+        (root / c / "ground_truth/broken").mkdir(parents=True, exist_ok=True)
+        for k in range(2):
+            img, mask = noise(), np.zeros((size, size), np.uint8)
+            y0, x0 = 2 + 8 * k, 4 + 12 * k
+            img[y0 : y0 + 6, x0 : x0 + 6] = 250
+            mask[y0 : y0 + 6, x0 : x0 + 6] = 255
+            Image.fromarray(img).save(root / c / "test/broken" / f"{k:03d}.png")
+            Image.fromarray(mask).save(root / c / "ground_truth/broken" / f"{k:03d}_mask.png")
+    return root
+
+
+# --------------------------------------------------------------------------- results.json parts
 
 RESULTS_V1 = Path(__file__).parent / "data" / "results_v1"  # results.json files written before format_version
 

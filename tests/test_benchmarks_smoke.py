@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_tiny_mvtec
+from helpers import write_tiny_mvtec
 from moleflow.config import Config
 from moleflow.data import build_dataset
 from moleflow.features.cache import extract_features

@@ -6,7 +6,7 @@ import pytest
 from moleflow.features.backbone import FeatureExtractor
 from moleflow.cli import main
 
-from test_e2e import CONFIGS, _write_class
+from helpers import CONFIGS, write_striped_class
 
 SMOKE = str(CONFIGS / "smoke.yaml")
 
@@ -15,7 +15,7 @@ SMOKE = str(CONFIGS / "smoke.yaml")
 def setup(tmp_path_factory):
     base = tmp_path_factory.mktemp("cli")
     root = base / "data"
-    _write_class(root, "bottle", (200, 60, 40), seed=1)
+    write_striped_class(root, "bottle", (200, 60, 40), seed=1)
     (base / "junk.png").write_bytes(b"not an image")
     (base / "bad.yaml").write_text("train:\n  epochs: [1\n")
     (base / "empty").mkdir()
@@ -71,7 +71,7 @@ def test_user_error_is_one_line_with_a_fix(case, setup, capsys):
 
 def test_unreadable_training_image_suggests_skip_bad(setup, tmp_path, capsys):
     root = tmp_path / "data"
-    _write_class(root, "bottle", (200, 60, 40), seed=1)
+    write_striped_class(root, "bottle", (200, 60, 40), seed=1)
     (root / "bottle/train/good/999.png").write_bytes(b"\x89PNG junk")
     err = _one_line_error(capsys, ["fit", SMOKE, f"data.root={root}", "scenario.tasks=[[bottle]]", "--out", str(tmp_path / "r")])
     assert "999.png" in err and "--skip-bad" in err

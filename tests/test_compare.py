@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from moleflow.research.compare import DONE_MARKER, GRID_FILE, compare_runs
+from moleflow.research.compare import compare_runs
+from moleflow.results.rundir import DONE_MARKER, GRID_FILE
 from moleflow.config import ConfigError, load_config, save_config
 
 def make_run(path: Path, overrides: list[str], image_auroc: float | None, pixel_ap: float | None = 0.5,

@@ -18,7 +18,7 @@ from moleflow.model import checkpoint
 from moleflow.cli import main
 from moleflow.continual.system import load_system
 
-from test_e2e import CONFIGS, _write_class
+from helpers import CONFIGS, write_striped_class
 
 DIE_AT = r"""
 import atexit, json, os, sys
@@ -58,9 +58,9 @@ def _check_loadable(model_dir: Path) -> int:
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     r = tmp_path_factory.mktemp("data")
-    _write_class(r, "bottle", (200, 60, 40), seed=1)
-    _write_class(r, "grid", (40, 90, 210), seed=2)
-    _write_class(r, "screw", (60, 200, 60), seed=3)
+    write_striped_class(r, "bottle", (200, 60, 40), seed=1)
+    write_striped_class(r, "grid", (40, 90, 210), seed=2)
+    write_striped_class(r, "screw", (60, 200, 60), seed=3)
     return r
 
 

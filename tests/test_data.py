@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from conftest import write_tiny_mvtec
+from helpers import write_tiny_mvtec
 from moleflow.config import DataConfig
 from moleflow.data import (
     DATASET_NAMES,

@@ -3,11 +3,11 @@ import json
 
 from moleflow.cli import main
 
-from test_e2e import _write_class
+from helpers import write_striped_class
 
 
 def test_demo_runs_with_an_added_mvtec_class(tmp_path, capsys):
-    _write_class(tmp_path / "data", "bottle", (200, 60, 40), seed=1)
+    write_striped_class(tmp_path / "data", "bottle", (200, 60, 40), seed=1)
     out = tmp_path / "run"
     code = main(["--quiet", "demo", "--out", str(out), "--add", str(tmp_path / "data" / "bottle"),
                  "data.image_size=64", "data.max_train_images=6", "train.epochs=1", "model.coupling_blocks=2",

@@ -7,46 +7,18 @@ predict writing JSON lines and maps, and one-line errors for user mistakes.
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-from PIL import Image
+import numpy as np
 
+from helpers import CONFIGS, write_striped_class
 from moleflow.cli import main
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def _write_class(root: Path, name: str, colour: tuple[int, int, int], seed: int, size: int = 64) -> None:
-    """MVTec layout; each class has its own colour and stripe texture, defects are white squares."""
-    rng = np.random.default_rng(seed)
-    yy = np.arange(size)[:, None, None]
-
-    def good() -> np.ndarray:
-        base = np.array(colour, np.float32)[None, None, :] * (0.75 + 0.25 * np.sin(yy / (2 + seed)))
-        return np.clip(base + rng.normal(0, 6, (size, size, 3)), 0, 255).astype(np.uint8)
-
-    for sub, n in (("train/good", 10), ("test/good", 4)):
-        (root / name / sub).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            Image.fromarray(good()).save(root / name / sub / f"{i:03d}.png")
-    (root / name / "test/hole").mkdir(parents=True)
-    (root / name / "ground_truth/hole").mkdir(parents=True)
-    for k in range(4):
-        img, mask = good(), np.zeros((size, size), np.uint8)
-        y0, x0 = 8 + 10 * k, 6 + 9 * k
-        img[y0 : y0 + 12, x0 : x0 + 12] = 255
-        mask[y0 : y0 + 12, x0 : x0 + 12] = 255
-        Image.fromarray(img).save(root / name / "test/hole" / f"{k:03d}.png")
-        Image.fromarray(mask).save(root / name / "ground_truth/hole" / f"{k:03d}_mask.png")
-
 
 @pytest.fixture(scope="module")
 def two_class_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
-    _write_class(root, "bottle", (200, 60, 40), seed=1)
-    _write_class(root, "grid", (40, 90, 210), seed=2)
-    _write_class(root, "screw", (60, 200, 60), seed=3)
+    write_striped_class(root, "bottle", (200, 60, 40), seed=1)
+    write_striped_class(root, "grid", (40, 90, 210), seed=2)
+    write_striped_class(root, "screw", (60, 200, 60), seed=3)
     return root
 
 
@@ -190,7 +162,7 @@ def test_readers_never_see_a_mix_while_a_task_is_added(fitted, two_class_root, t
 
 def test_skip_bad_lists_refused_files_and_goes_on(tmp_path, capsys):
     root = tmp_path / "data"
-    _write_class(root, "bottle", (200, 60, 40), seed=1)
+    write_striped_class(root, "bottle", (200, 60, 40), seed=1)
     (root / "bottle/train/good/999.png").write_bytes(b"this is not a png")
     args = ["--quiet", "fit", str(CONFIGS / "smoke.yaml"), f"data.root={root}", "scenario.tasks=[[bottle]]"]
     assert main([*args, "--out", str(tmp_path / "strict")]) == 2

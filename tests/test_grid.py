@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from moleflow.research.compare import DONE_MARKER, GRID_FILE
+from helpers import run_results, task_entry
+from moleflow.results.rundir import DONE_MARKER, GRID_FILE, RunDir
+from moleflow.results.schema import RunResults
 from moleflow.config import Config, ConfigError, save_config
 from moleflow.research.grid import parse_seeds, parse_vary, plan_grid, run_grid
 
@@ -22,17 +24,17 @@ class FakeFit:
         self.calls: list[str] = []
         self.fail_on = fail_on
 
-    def __call__(self, cfg: Config, run_dir: Path, progress: bool = True, echo=print) -> dict:
+    def __call__(self, cfg: Config, run_dir: Path, progress: bool = True, echo=print) -> RunResults:
         run_dir = Path(run_dir)
         self.calls.append(run_dir.name)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         if self.fail_on == run_dir.name:
             raise RuntimeError("training diverged")
-        final = {"image_auroc": 0.5 + cfg.loss.tail_weight / 10 + cfg.train.seed / 100, "pixel_auroc": None,
-                 "pixel_ap": cfg.train.lr, "aupro": None, "routing_accuracy": 1.0, "forgetting": {}}
-        results = {"tasks": [["bottle"]], "steps": [{"after_task": 0, "per_task": []}], "final": final}
-        (run_dir / "results.json").write_text(json.dumps(results))
+        entry = task_entry(0, ["bottle"], 0.5 + cfg.loss.tail_weight / 10 + cfg.train.seed / 100)
+        entry["pixel_ap"] = cfg.train.lr
+        results = run_results([["bottle"]], [{"after_task": 0, "per_task": [entry]}])
+        RunDir(run_dir).save_results(results)
         return results
 
 

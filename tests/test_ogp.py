@@ -87,9 +87,8 @@ def _features(n: int, seed: int) -> FeatureSet:
 
 
 def test_a_fully_spanned_tensor_does_not_move_while_the_others_train():
-    cfg = Config()
-    cfg.model.coupling_blocks, cfg.model.lora_rank, cfg.model.dia_blocks = 2, 2, 1
-    cfg.train.epochs, cfg.train.batch_size, cfg.train.weight_decay = 2, 2, 0.0  # AdamW's decay would move it
+    cfg = load_config(None, ["model.coupling_blocks=2", "model.lora_rank=2", "model.dia_blocks=1",
+                             "train.epochs=2", "train.batch_size=2", "train.weight_decay=0"])  # AdamW's decay would move it
     model = MoLEFlow(cfg.model, 8)
     model.add_task(0)
     model.set_trainable(0)

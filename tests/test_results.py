@@ -10,7 +10,6 @@ import pytest
 from helpers import real_results, real_results_text, run_results, skipped_entry, task_entry
 
 import moleflow.metrics
-from moleflow.results import summary
 from moleflow.results.schema import (
     FORMAT_KEY,
     FORMAT_VERSION,
@@ -48,7 +47,6 @@ def test_written_layout_is_todays_plus_the_version_first(name):
 def test_final_block_is_the_summary_of_the_steps(name):
     typed = RunResults.from_json(real_results(name))
     assert summarize(typed.steps) == typed.final
-    assert summary.summarize(real_results(name)["steps"]) == real_results(name)["final"]  # the jobs' dict entry point
 
 
 def test_a_file_without_version_is_version_1_and_an_unknown_version_is_refused():

@@ -11,7 +11,7 @@ import pytest
 
 from moleflow.cli import main
 
-from test_e2e import CONFIGS, _write_class
+from helpers import CONFIGS, write_striped_class
 
 METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro", "routing_accuracy")
 
@@ -19,8 +19,8 @@ METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro", "routing_accuracy"
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     r = tmp_path_factory.mktemp("data")
-    _write_class(r, "bottle", (200, 60, 40), seed=1)
-    _write_class(r, "grid", (40, 90, 210), seed=2)
+    write_striped_class(r, "bottle", (200, 60, 40), seed=1)
+    write_striped_class(r, "grid", (40, 90, 210), seed=2)
     return r
 
 

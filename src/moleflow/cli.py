@@ -29,6 +29,7 @@ def _default_run_dir(stem: str) -> Path:
     return Path("runs") / f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
+# long function: one declarative table of every command's arguments reads better than eight fragments
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="moleflow",
@@ -134,83 +135,103 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _run(args: argparse.Namespace) -> int:
-    from moleflow.continual import jobs
+def _fit(args: argparse.Namespace, progress: bool) -> int:
     from moleflow.config import ConfigError, load_config
+    from moleflow.continual.jobs import run_fit
 
-    progress = not args.quiet
-    if args.command == "fit":
-        cfg = load_config(args.config, args.overrides)
-        if args.plots is not None:
-            cfg.output.plots = args.plots
-        if args.skip_bad:
-            cfg.data.skip_bad = True
-        if args.resume and not args.out:
-            raise ConfigError("--resume needs --out: the run directory to continue")
-        out = args.out or _default_run_dir(Path(args.config).stem)
-        t0 = time.perf_counter()
-        results = jobs.run_fit(cfg, out, progress=progress, resume=args.resume)
-        _print_summary(results, out, time.perf_counter() - t0)
-        return 0
-    if args.command == "add-task":
-        from moleflow.data import parse_class_spec
-
-        specs = [c if ":" in c else f"{args.dataset}:{c}" for c in args.classes]
-        for s in specs:
-            parse_class_spec(s, args.dataset)
-        roots = {args.dataset: args.root} if args.root else {}
-        t0 = time.perf_counter()
-        results = jobs.run_add_task(args.model_dir, specs, roots, args.out, progress=progress)
-        _print_summary(results, args.out or args.model_dir.parent, time.perf_counter() - t0)
-        return 0
-    if args.command == "evaluate":
-        cfg = load_config(args.config, args.overrides) if args.config else None
-        out = args.out or _default_run_dir("evaluate")
-        results = jobs.run_evaluate(args.model_dir, cfg, out, progress=progress)
-        _print_summary(results, out, None)
-        return 0
-    if args.command == "predict":
-        from moleflow.predict import run_predict
-
-        n = run_predict(args.model_dir, args.paths, args.out, progress=progress)
-        print(f"{n} predictions written to {args.out / 'predictions.jsonl'}")
-        return 0
-    if args.command == "demo":
-        from moleflow.demo import run_demo
-
-        return run_demo(args.out or _default_run_dir("demo"), args.add, args.overrides, progress=progress)
-    if args.command == "grid":
-        from moleflow.research.grid import parse_seeds, run_grid
-
-        run_grid(Path(args.config), args.vary, parse_seeds(args.seeds), args.out, progress=progress, overrides=args.overrides)
-        return 0
-    if args.command == "report":
-        from moleflow.research.compare import collect_runs, compare_runs
-
-        runs, skipped = collect_runs(args.run_dirs)
-        if not runs:
-            reasons = "; ".join(f"{s.path}: {s.reason}" for s in skipped)
-            raise ConfigError(f"no finished run among the folders given ({reasons}); give run folders written by "
-                              "`moleflow fit --out` or `moleflow grid --out`")
-        print(compare_runs(args.run_dirs, [k.strip() for k in args.group_by.split(",") if k.strip()], args.baseline or None))
-        return 0
-    if args.command == "analyze":
-        from moleflow.research.analysis import analyze_tail
-
-        out = args.out or _default_run_dir("analysis")
-        path = analyze_tail(args.run_mean_only, args.run_tail_aware, out, task=args.task, sweep=list(args.sweep),
-                            max_images=args.max_images, progress=progress)
-        print(f"analysis written to {path}")
-        return 0
-    raise AssertionError(f"unhandled command {args.command}")  # argparse only lets known commands through
+    flags = [] if args.plots is None else [f"output.plots={'true' if args.plots else 'false'}"]
+    flags += ["data.skip_bad=true"] if args.skip_bad else []
+    cfg = load_config(args.config, [*args.overrides, *flags])  # the flags are overrides like any other
+    if args.resume and not args.out:
+        raise ConfigError("--resume needs --out: the run directory to continue")
+    out = args.out or _default_run_dir(Path(args.config).stem)
+    t0 = time.perf_counter()
+    results = run_fit(cfg, out, progress=progress, resume=args.resume)
+    _print_summary(results, out, time.perf_counter() - t0)
+    return 0
 
 
-def _print_summary(results: dict, run_dir: Path, seconds: float | None) -> None:
-    from moleflow.results.schema import RunResults
+def _add_task(args: argparse.Namespace, progress: bool) -> int:
+    from moleflow.continual.jobs import run_add_task
+    from moleflow.data import parse_class_spec
+
+    specs = [c if ":" in c else f"{args.dataset}:{c}" for c in args.classes]
+    for s in specs:
+        parse_class_spec(s, args.dataset)
+    roots = {args.dataset: args.root} if args.root else {}
+    t0 = time.perf_counter()
+    results = run_add_task(args.model_dir, specs, roots, args.out, progress=progress)
+    _print_summary(results, args.out or args.model_dir.parent, time.perf_counter() - t0)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace, progress: bool) -> int:
+    from moleflow.config import load_config
+    from moleflow.continual.jobs import run_evaluate
+
+    cfg = load_config(args.config, args.overrides) if args.config else None
+    out = args.out or _default_run_dir("evaluate")
+    _print_summary(run_evaluate(args.model_dir, cfg, out, progress=progress), out, None)
+    return 0
+
+
+def _predict(args: argparse.Namespace, progress: bool) -> int:
+    from moleflow.predict import run_predict
+
+    n = run_predict(args.model_dir, args.paths, args.out, progress=progress)
+    print(f"{n} predictions written to {args.out / 'predictions.jsonl'}")
+    return 0
+
+
+def _demo(args: argparse.Namespace, progress: bool) -> int:
+    from moleflow.demo import run_demo
+
+    return run_demo(args.out or _default_run_dir("demo"), args.add, args.overrides, progress=progress)
+
+
+def _grid(args: argparse.Namespace, progress: bool) -> int:
+    from moleflow.research.grid import parse_seeds, run_grid
+
+    run_grid(Path(args.config), args.vary, parse_seeds(args.seeds), args.out, progress=progress, overrides=args.overrides)
+    return 0
+
+
+def _report(args: argparse.Namespace, progress: bool) -> int:
+    from moleflow.config import ConfigError
+    from moleflow.research.compare import collect_runs, compare_runs
+
+    runs, skipped = collect_runs(args.run_dirs)
+    if not runs:
+        reasons = "; ".join(f"{s.path}: {s.reason}" for s in skipped)
+        raise ConfigError(f"no finished run among the folders given ({reasons}); give run folders written by "
+                          "`moleflow fit --out` or `moleflow grid --out`")
+    print(compare_runs(args.run_dirs, [k.strip() for k in args.group_by.split(",") if k.strip()], args.baseline or None))
+    return 0
+
+
+def _analyze(args: argparse.Namespace, progress: bool) -> int:
+    from moleflow.research.analysis import analyze_tail
+
+    out = args.out or _default_run_dir("analysis")
+    path = analyze_tail(args.run_mean_only, args.run_tail_aware, out, task=args.task, sweep=list(args.sweep),
+                        max_images=args.max_images, progress=progress)
+    print(f"analysis written to {path}")
+    return 0
+
+
+HANDLERS = {"fit": _fit, "add-task": _add_task, "evaluate": _evaluate, "predict": _predict, "demo": _demo,
+            "grid": _grid, "report": _report, "analyze": _analyze}
+
+
+def _run(args: argparse.Namespace) -> int:
+    return HANDLERS[args.command](args, not args.quiet)  # argparse only lets known commands through
+
+
+def _print_summary(results, run_dir: Path, seconds: float | None) -> None:
     from moleflow.results.tables import step_table
 
     print()
-    print(step_table(RunResults.from_json(results)))
+    print(step_table(results))
     if seconds is not None:
         print(f"\ntook {seconds:.0f} s")
     print(f"run directory: {run_dir}")

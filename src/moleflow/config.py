@@ -20,7 +20,7 @@ class ConfigError(ValueError):
     """A config problem; the message names the key and says how to fix it."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     dataset: str = "mvtec"  # mvtec | mpdd | visa | elpv | folder: the dataset of plain class names
     root: str = ""  # folder holding the class folders (not needed for elpv)
@@ -39,7 +39,7 @@ class DataConfig:
     max_train_images: int = 0  # 0 = all; >0 keeps the first N (sorted) for quick runs
 
 
-@dataclass
+@dataclass(frozen=True)
 class BackboneConfig:
     name: str = "tf_efficientnet_lite0"  # any timm model with features_only
     layers: list[int] = field(default_factory=lambda: [2, 3])  # timm out_indices; first sets the grid
@@ -51,7 +51,7 @@ class BackboneConfig:
     channels_last: bool = True
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     coupling_blocks: int = 8
     clamp: float = 1.9  # soft clamp of the log-scale: clamp * tanh(s / clamp)
@@ -85,7 +85,7 @@ class ModelConfig:
     pos_encoding_dim: int = 32  # channels appended in "concat" mode
 
 
-@dataclass
+@dataclass(frozen=True)
 class LossConfig:
     tail_weight: float = 0.7  # w; 0 gives the plain mean NLL
     tail_ratio: float = 0.02  # rho: fraction of patches in the tail term
@@ -96,7 +96,7 @@ class LossConfig:
     center_weight: float = 0.0  # v5 centre loss on z; 0 = off
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     # The notes' MAIN setting trains 60 epochs per task on a GPU (configs/*_main.yaml); the default is
     # sized for a 2-core CPU: a 200-image task in under 3 minutes, features included.
@@ -118,7 +118,7 @@ class TrainConfig:
     record_grad_norms: bool = False  # per-block gradient norms, for `moleflow analyze tail`
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScoringConfig:
     # "nll": ½‖z‖² − log|det J| (the notes); "latent": ½‖z‖² (FastFlow's map). See scoring.patch_scores.
     patch_score: Literal["nll", "latent"] = "latent"
@@ -129,7 +129,7 @@ class ScoringConfig:
     threshold_quantile: float = 0.99
 
 
-@dataclass
+@dataclass(frozen=True)
 class RouterConfig:
     mode: Literal["mahalanobis", "oracle", "hybrid"] = "mahalanobis"
     hybrid_top_k: int = 2
@@ -143,7 +143,7 @@ class RouterConfig:
     likelihood: bool = True  # compare tasks by distance + log|Σ_t| (Gaussian likelihood); false: distance alone
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScenarioConfig:
     # Either explicit tasks (lists of classes, "dataset:class" allowed) ...
     tasks: list[list[str]] = field(default_factory=list)
@@ -152,14 +152,14 @@ class ScenarioConfig:
     order: list[str] = field(default_factory=list)  # class order; empty = the dataset's default order
 
 
-@dataclass
+@dataclass(frozen=True)
 class OutputConfig:
     plots: bool = True
     panels_per_task: int = 3  # anomaly-map panels for the most and least anomalous images
     save_model: bool = True
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     method: Literal["moleflow", "finetune", "joint"] = "moleflow"
     data: DataConfig = field(default_factory=DataConfig)

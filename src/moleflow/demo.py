@@ -6,6 +6,7 @@ table and the run directory; the saved model accepts further products with `mole
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from importlib import resources
 from pathlib import Path
@@ -20,7 +21,6 @@ def demo_config_path() -> Path:
 
 def run_demo(run_dir: Path, add: Path | None, overrides: list[str], progress: bool = True) -> int:
     from moleflow.continual import jobs
-    from moleflow.results.schema import RunResults
     from moleflow.results.tables import step_table
 
     if add is not None:
@@ -31,17 +31,17 @@ def run_demo(run_dir: Path, add: Path | None, overrides: list[str], progress: bo
     if add is not None:
         # The third product joins the same continual run (task by task, no access to earlier images);
         # learning it in this process reuses the earlier tasks' test features for the evaluation.
-        cfg.scenario.tasks = [*cfg.scenario.tasks, [f"mvtec:{add.resolve().name}"]]
-        cfg.data.roots["mvtec"] = str(add.resolve().parent)
+        cfg = dataclasses.replace(
+            cfg, scenario=dataclasses.replace(cfg.scenario, tasks=[*cfg.scenario.tasks, [f"mvtec:{add.resolve().name}"]]),
+            data=dataclasses.replace(cfg.data, roots={**cfg.data.roots, "mvtec": str(add.resolve().parent)}))
     t0 = time.perf_counter()
     results = jobs.run_fit(cfg, run_dir, progress=progress)
     seconds = time.perf_counter() - t0
     print()
-    print(step_table(RunResults.from_json(results)))
-    for metric in ("pixel_ap",):
-        if any(e.get(metric) is not None for s in results["steps"] for e in s["per_task"]):
-            print()
-            print(step_table(RunResults.from_json(results), metric))
+    print(step_table(results))
+    if results.has_values("pixel_ap"):
+        print()
+        print(step_table(results, "pixel_ap"))
     print(f"\ndemo took {seconds / 60:.1f} min ({seconds:.0f} s)")
     print(f"run directory: {run_dir}")
     report = Path(run_dir) / "report.html"

@@ -160,16 +160,9 @@ def roc_points(labels: ArrayLike, scores: ArrayLike) -> tuple[np.ndarray, np.nda
 # --------------------------------------------------------------------------------------------------
 
 
-def pro_curve(masks: ArrayLike, maps: ArrayLike) -> tuple[np.ndarray, np.ndarray] | None:
-    """The PRO curve (fpr, pro) as a piecewise-linear curve from (0, 0) to (1, 1), float64 arrays.
-
-    It is the official MVTec AD curve with the collinear points of constant-PRO runs left out (see the
-    module docstring), so plotting it or integrating it gives the same result. None when there is no
-    ground-truth region or no defect-free pixel.
-    """
-    m, a = _pixel_inputs(masks, maps)
-    n_images = m.shape[0]
-
+def _ok_and_region_pixels(m: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Sorted scores of all defect-free pixels, the scores of all region pixels, and each region pixel's
+    PRO weight 1 / (n_regions · |its region|); None when there is no region or no defect-free pixel."""
     # Scores of all defect-free pixels, filled image by image. Preallocated at full size (worst case
     # "no defects") so that no list of per-image copies plus a concatenated copy coexist.
     ok_scores = np.empty(m.size, dtype=a.dtype)  # (N·H·W,) only the first n_ok entries are used
@@ -177,7 +170,7 @@ def pro_curve(masks: ArrayLike, maps: ArrayLike) -> tuple[np.ndarray, np.ndarray
     defect_scores: list[np.ndarray] = []  # per defective image: scores of its region pixels
     defect_sizes: list[np.ndarray] = []  # per defective image: size of the region of each such pixel
     n_regions = 0
-    for i in range(n_images):
+    for i in range(m.shape[0]):
         mask_i, map_i = m[i], a[i]  # (H, W)
         if not mask_i.any():
             ok_scores[n_ok : n_ok + map_i.size] = map_i.ravel()
@@ -194,14 +187,27 @@ def pro_curve(masks: ArrayLike, maps: ArrayLike) -> tuple[np.ndarray, np.ndarray
         n_regions += n_comp
     if n_regions == 0 or n_ok == 0:
         return None
-
     ok_sorted = ok_scores[:n_ok]
     ok_sorted.sort()  # ascending, in place: no index array over the ok pixels
-
     d = np.concatenate(defect_scores)  # (D,) scores of all region pixels
     # Each region pixel adds 1 / (n_regions · |region|) to the PRO once the threshold reaches it.
     weight = 1.0 / (np.concatenate(defect_sizes).astype(np.float64) * n_regions)
-    del defect_scores, defect_sizes
+    return ok_sorted, d, weight
+
+
+def pro_curve(masks: ArrayLike, maps: ArrayLike) -> tuple[np.ndarray, np.ndarray] | None:
+    """The PRO curve (fpr, pro) as a piecewise-linear curve from (0, 0) to (1, 1), float64 arrays.
+
+    It is the official MVTec AD curve with the collinear points of constant-PRO runs left out (see the
+    module docstring), so plotting it or integrating it gives the same result. None when there is no
+    ground-truth region or no defect-free pixel.
+    """
+    pixels = _ok_and_region_pixels(*_pixel_inputs(masks, maps))
+    if pixels is None:
+        return None
+    ok_sorted, d, weight = pixels
+    del pixels
+    n_ok = ok_sorted.size
     order = np.argsort(d)[::-1]  # descending scores; order within ties is irrelevant (see below)
     d = d[order]
     cum_pro = np.cumsum(weight[order])

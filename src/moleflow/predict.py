@@ -48,7 +48,7 @@ def predict_batch(system: System, images: torch.Tensor, names: list[str] | None 
 @torch.no_grad()
 def run_predict(model_dir: Path, paths: list[Path], out_dir: Path, progress: bool = True, batch_size: int = 8) -> int:
     system = load_system(model_dir)
-    from moleflow.results.plots import save_prediction_pngs
+    from moleflow.results.panels import save_prediction_pngs
 
     size = system.cfg.data.image_size
     if system.router.mode == "oracle":

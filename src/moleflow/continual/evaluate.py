@@ -11,22 +11,23 @@ import torch
 
 from moleflow.features.cache import FeatureSet
 from moleflow.metrics import compute_metrics
+from moleflow.results.schema import Metrics, TaskEval
 from moleflow.router import UNKNOWN
 from moleflow.scoring import Scorer, Scores
 
 
-def _metrics(features: FeatureSet, scores: Scores) -> dict:
+def _metrics(features: FeatureSet, scores: Scores) -> Metrics:
     masks = features.masks[:, 0].numpy().astype(bool) if features.masks is not None else None
     maps = scores.maps.numpy() if (scores.maps is not None and masks is not None) else None
-    return compute_metrics(features.labels.numpy(), scores.image.numpy(), masks, maps)
+    return Metrics.from_json(compute_metrics(features.labels.numpy(), scores.image.numpy(), masks, maps))
 
 
-def _per_class(features: FeatureSet, scores: Scores, whole: dict | None = None) -> dict[str, dict]:
+def _per_class(features: FeatureSet, scores: Scores, whole: Metrics) -> dict[str, Metrics]:
     """Metrics per class of a task; a one-class task reuses the task's own metrics (`whole`)."""
     names = np.array(features.class_names)
     classes = list(dict.fromkeys(features.class_names))
-    if len(classes) == 1 and whole is not None:
-        return {classes[0]: dict(whole)}
+    if len(classes) == 1:
+        return {classes[0]: whole}
     out = {}
     for name in classes:
         idx = torch.from_numpy(np.flatnonzero(names == name))
@@ -34,40 +35,34 @@ def _per_class(features: FeatureSet, scores: Scores, whole: dict | None = None) 
     return out
 
 
-def evaluate_task(scorer: Scorer, features: FeatureSet, task: int, single_model_task: int | None = None) -> tuple[dict, Scores]:
+def evaluate_task(scorer: Scorer, features: FeatureSet, task: int, classes: list[str],
+                  single_model_task: int | None = None) -> tuple[TaskEval, Scores]:
     """Metrics of one task's test set with routing and with the oracle; returns the routed scores too.
 
     `single_model_task`: the baselines (`finetune`, `joint`) have one set of modules for every task;
-    all images are scored under it and routing accuracy is not applicable (null).
+    all images are scored under it and routing accuracy is not applicable (None).
     """
     if single_model_task is not None:
-        sc = scorer.score_features(features, torch.full((len(features),), single_model_task))
-        metrics = _metrics(features, sc)
-        return {"task": task, **metrics, "routing_accuracy": None, "oracle": dict(metrics),
-                "per_class": _per_class(features, sc, metrics), "n_test": len(features),
-                "n_defective": int(features.labels.sum())}, sc
-    routed_tasks = scorer.route_features(features, task)
-    oracle_tasks = torch.full_like(routed_tasks, task)
-    correct = routed_tasks == task
-    # An image routed to "unknown" gets no flow; it is scored under the nearest task for the metrics
-    # (and counted as misrouted), so the tables stay comparable.
-    if (routed_tasks == UNKNOWN).any():
-        router = scorer.router
-        nearest = torch.tensor(sorted(router.prototypes))[router.distances(features.descriptors).argmin(1)]
-        routed_tasks = torch.where(routed_tasks == UNKNOWN, nearest, routed_tasks)
-    oracle = scorer.score_features(features, oracle_tasks)
-    if bool(correct.all()):
-        routed = oracle  # same task for every image: the scores are the oracle's, bit for bit
+        routed = oracle = scorer.score_features(features, torch.full((len(features),), single_model_task))
+        accuracy = None
     else:
-        routed = scorer.score_features(features, routed_tasks)
+        routed_tasks = scorer.route_features(features, task)
+        correct = routed_tasks == task
+        accuracy = float(correct.float().mean())
+        # An image routed to "unknown" gets no flow; it is scored under the nearest task for the metrics
+        # (and counted as misrouted), so the tables stay comparable.
+        if (routed_tasks == UNKNOWN).any():
+            router = scorer.router
+            nearest = torch.tensor(sorted(router.prototypes))[router.distances(features.descriptors).argmin(1)]
+            routed_tasks = torch.where(routed_tasks == UNKNOWN, nearest, routed_tasks)
+        oracle = scorer.score_features(features, torch.full_like(routed_tasks, task))
+        # Same task for every image: the scores are the oracle's, bit for bit.
+        routed = oracle if bool(correct.all()) else scorer.score_features(features, routed_tasks)
     routed_metrics = _metrics(features, routed)
-    result = {
-        "task": task,
-        **routed_metrics,
-        "routing_accuracy": float(correct.float().mean()),
-        "oracle": dict(routed_metrics) if routed is oracle else _metrics(features, oracle),
-        "per_class": _per_class(features, routed, routed_metrics),
-        "n_test": len(features),
-        "n_defective": int(features.labels.sum()),
-    }
+    result = TaskEval(
+        task=task, classes=tuple(classes), routed=routed_metrics, routing_accuracy=accuracy,
+        oracle=routed_metrics if routed is oracle else _metrics(features, oracle),
+        per_class=_per_class(features, routed, routed_metrics),
+        n_test=len(features), n_defective=int(features.labels.sum()),
+    )
     return result, routed

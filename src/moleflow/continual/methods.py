@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from moleflow.continual.system import System, learn_new_task, retrain_task
 from moleflow.features.cache import FeatureSet
+from moleflow.results.schema import TrainLog
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class MoLEFlowMethod:
     extendable: bool = True  # `add-task` may add a product to a saved model
     scoring_task: int | None = None  # None: each image is routed to its task
 
-    def learn(self, system: System, step: int, tasks: list[list[str]], trains: dict[int, FeatureSet], progress: bool) -> dict | None:
+    def learn(self, system: System, step: int, tasks: list[list[str]], trains: dict[int, FeatureSet], progress: bool) -> TrainLog | None:
         """Train for scenario step `step`; `trains` holds the training features of the steps extracted in
         this process (a resumed run lacks the completed ones). The log, or None if nothing trains now."""
         return learn_new_task(system, tasks[step], trains[step], progress, step)[1]
@@ -36,7 +37,7 @@ class FinetuneMethod:
     extendable: bool = False
     scoring_task: int | None = 0
 
-    def learn(self, system: System, step: int, tasks: list[list[str]], trains: dict[int, FeatureSet], progress: bool) -> dict | None:
+    def learn(self, system: System, step: int, tasks: list[list[str]], trains: dict[int, FeatureSet], progress: bool) -> TrainLog | None:
         seen = sum(tasks[: step + 1], [])  # the one model task answers for every class seen so far
         if step == 0:
             return learn_new_task(system, seen, trains[step], progress, step)[1]
@@ -50,7 +51,7 @@ class JointMethod:
     extendable: bool = False
     scoring_task: int | None = 0
 
-    def learn(self, system: System, step: int, tasks: list[list[str]], trains: dict[int, FeatureSet], progress: bool) -> dict | None:
+    def learn(self, system: System, step: int, tasks: list[list[str]], trains: dict[int, FeatureSet], progress: bool) -> TrainLog | None:
         if step < len(tasks) - 1:
             return None  # joint learns once, from every task's images
         return learn_new_task(system, sum(tasks, []), FeatureSet.concat([trains[k] for k in sorted(trains)]), progress, 0)[1]

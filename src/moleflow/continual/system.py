@@ -26,6 +26,7 @@ from moleflow.features.cache import FeatureSet, extract_features
 from moleflow.model import checkpoint
 from moleflow.model.checkpoint import CheckpointError, TaskRecord
 from moleflow.model.mole_flow import MoLEFlow
+from moleflow.results.schema import TrainLog
 from moleflow.router import Prototype, TaskRouter
 from moleflow.scoring import Scorer
 
@@ -85,22 +86,22 @@ def calibrate_threshold(system: System, task: int, train: FeatureSet) -> tuple[f
     return threshold, float(np.quantile(s.patch.numpy(), 0.01))
 
 
-def _train(system: System, t: int, specs: list[str], train: FeatureSet, progress: bool) -> tuple[TaskRecord, dict]:
+def _train(system: System, t: int, specs: list[str], train: FeatureSet, progress: bool) -> tuple[TaskRecord, TrainLog]:
     """Train model task t on `train`, update the OGP memory, calibrate: the task's record and its log."""
     log = fit_task(system.model, t, train, system.cfg.train, system.cfg.loss, system.device, progress=progress,
                    memory=system.memory)
     if system.memory is not None:
         remember_gradients(system, t, train)
     threshold, map_low = calibrate_threshold(system, t, train)
-    info = {"epoch_loss": log.epoch_loss, "seconds": log.seconds, "steps": log.steps, "n_train": len(train)}
-    if system.memory is not None:
-        info["ogp_directions"] = sum(system.memory.rank().values())  # stored so far, over all tensors
-    if log.grad_norms:
-        info["grad_norms"] = log.grad_norms  # per epoch, per coupling block (train.record_grad_norms)
+    info = TrainLog(
+        epoch_loss=tuple(log.epoch_loss), seconds=log.seconds, steps=log.steps, n_train=len(train),
+        ogp_directions=sum(system.memory.rank().values()) if system.memory is not None else None,  # stored so far
+        grad_norms=tuple(log.grad_norms) if log.grad_norms else None,  # per epoch, per coupling block
+    )
     return TaskRecord(t, [display_name(s) for s in specs], threshold, list(specs), map_low), info
 
 
-def learn_new_task(system: System, specs: list[str], train: FeatureSet, progress: bool, step: int) -> tuple[int, dict]:
+def learn_new_task(system: System, specs: list[str], train: FeatureSet, progress: bool, step: int) -> tuple[int, TrainLog]:
     """Add a task to the model and router and train only its modules (and, for task 0, the shared ones)."""
     t = len(system.tasks)
     seed_everything(system.cfg.train.seed + step)
@@ -116,7 +117,7 @@ def learn_new_task(system: System, specs: list[str], train: FeatureSet, progress
     return t, info
 
 
-def retrain_task(system: System, t: int, specs: list[str], train: FeatureSet, progress: bool, step: int) -> tuple[int, dict]:
+def retrain_task(system: System, t: int, specs: list[str], train: FeatureSet, progress: bool, step: int) -> tuple[int, TrainLog]:
     """Train the existing model task t again, shared weights included (the `finetune` baseline)."""
     seed_everything(system.cfg.train.seed + step)
     system.tasks[t], info = _train(system, t, specs, train, progress)

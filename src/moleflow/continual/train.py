@@ -15,9 +15,9 @@ from tqdm.auto import tqdm
 
 from moleflow.config import LossConfig, TrainConfig
 from moleflow.features.cache import FeatureSet
+from moleflow.continual.ogp import GradientMemory
 from moleflow.model.loss import tail_aware_loss
 from moleflow.model.mole_flow import MoLEFlow
-from moleflow.continual.ogp import GradientMemory
 
 
 class TrainingError(RuntimeError):
@@ -66,6 +66,61 @@ def block_grad_norms(model: MoLEFlow) -> dict[str, float]:
     return out
 
 
+@dataclass
+class _Step:
+    """What one optimisation step needs besides the batch."""
+
+    model: MoLEFlow
+    task: int
+    params: list[torch.nn.Parameter]
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    train_cfg: TrainConfig
+    loss_cfg: LossConfig
+    memory: GradientMemory | None
+
+
+def _optimise(step: _Step, x: torch.Tensor, epoch: int, norms: list[dict[str, float]]) -> torch.Tensor:
+    """One AdamW step on the batch x (B, H, W, C); returns the (detached) loss."""
+    z, log_det = step.model(x)
+    loss, _ = tail_aware_loss(z, log_det, step.loss_cfg, reg=step.model.regularization(step.task))
+    if not torch.isfinite(loss):
+        raise TrainingError(
+            f"task {step.task}, epoch {epoch + 1}: the loss became {float(loss)}; "
+            "lower train.lr or raise train.grad_clip's strictness (e.g. train.grad_clip=0.5)"
+        )
+    step.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if step.memory is not None:
+        step.memory.project(step.model.named_parameters())
+    if step.train_cfg.record_grad_norms:
+        norms.append(block_grad_norms(step.model))
+    if step.train_cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(step.params, step.train_cfg.grad_clip)
+    step.opt.step()
+    step.sched.step()
+    return loss.detach()
+
+
+def _epoch(step: _Step, features: FeatureSet, order: torch.Tensor, bs: int, epoch: int, device: torch.device,
+           log: TrainLog, bar: tqdm) -> None:
+    """One pass over the features in `order`; appends the epoch's mean loss (and grad norms) to `log`."""
+    running, count = 0.0, 0
+    norms: list[dict[str, float]] = []
+    for start in range(0, len(order), bs):
+        idx = order[start : start + bs]
+        x = features.patches[idx].to(device=device, dtype=torch.float32)  # (B, H, W, C)
+        loss = _optimise(step, x, epoch, norms)
+        log.steps += 1
+        running += float(loss) * len(idx)
+        count += len(idx)
+        bar.update(1)
+        bar.set_postfix(epoch=f"{epoch + 1}/{step.train_cfg.epochs}", loss=f"{running / count:.4f}", refresh=False)
+    log.epoch_loss.append(running / count)
+    if norms:
+        log.grad_norms.append({k: sum(d[k] for d in norms) / len(norms) for k in norms[0]})
+
+
 def fit_task(
     model: MoLEFlow,
     task: int,
@@ -79,7 +134,8 @@ def fit_task(
     """Train task `task` (already added to the model) on its cached training features.
 
     `memory` (the finetune baseline with train.ogp) removes earlier tasks' gradient directions from
-    every step's gradients.
+    every step's gradients. The batch order comes from its own generator, seeded `train.seed · 1000 +
+    task` (see `continual/system.py` for the run's seeding rule).
     """
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.fit_statistics(task, features.patches)  # statistics whitening: fixed before training
@@ -94,6 +150,7 @@ def fit_task(
     total = steps_per_epoch * train_cfg.epochs
     opt = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(train_cfg, total, steps_per_epoch))
+    step = _Step(model, task, params, opt, sched, train_cfg, loss_cfg, memory)
     gen = torch.Generator().manual_seed(train_cfg.seed * 1000 + task)
     log = TrainLog(task=task)
     t0 = time.perf_counter()
@@ -102,39 +159,9 @@ def fit_task(
     try:
         with model.use_task(task):
             for epoch in range(train_cfg.epochs):
-                order = torch.randperm(n, generator=gen)
-                running, count = 0.0, 0
-                epoch_norms: list[dict[str, float]] = []
-                for start in range(0, n, bs):
-                    idx = order[start : start + bs]
-                    x = features.patches[idx].to(device=device, dtype=torch.float32)  # (B, H, W, C)
-                    z, log_det = model(x)
-                    loss, _ = tail_aware_loss(z, log_det, loss_cfg, reg=model.regularization(task))
-                    if not torch.isfinite(loss):
-                        raise TrainingError(
-                            f"task {task}, epoch {epoch + 1}: the loss became {float(loss)}; "
-                            "lower train.lr or raise train.grad_clip's strictness (e.g. train.grad_clip=0.5)"
-                        )
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if memory is not None:
-                        memory.project(model.named_parameters())
-                    if train_cfg.record_grad_norms:
-                        epoch_norms.append(block_grad_norms(model))
-                    if train_cfg.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip)
-                    opt.step()
-                    sched.step()
-                    log.steps += 1
-                    running += float(loss.detach()) * len(idx)
-                    count += len(idx)
-                    bar.update(1)
-                    bar.set_postfix(epoch=f"{epoch + 1}/{train_cfg.epochs}", loss=f"{running / count:.4f}", refresh=False)
-                log.epoch_loss.append(running / count)
+                _epoch(step, features, torch.randperm(n, generator=gen), bs, epoch, device, log, bar)
                 if progress:
                     tqdm.write(f"task {task} epoch {epoch + 1}/{train_cfg.epochs}: loss {log.epoch_loss[-1]:.4f}")
-                if epoch_norms:
-                    log.grad_norms.append({k: sum(d[k] for d in epoch_norms) / len(epoch_norms) for k in epoch_norms[0]})
     except BaseException:
         # Leave no half-trained model behind: every tensor goes back to its value before this task.
         model.load_state_dict(before)

@@ -86,20 +86,7 @@ class FeatureExtractor(nn.Module):
             raise BackboneError(f"backbone.layers must be a non-empty increasing list of timm out_indices, got {self.layers}")
         device = resolve_device(device) if isinstance(device, str) else device
 
-        if cfg.weights == "none":
-            if not timm.is_model(cfg.name):
-                raise BackboneError(f"backbone.name '{cfg.name}' is not a timm model (see timm.list_models())")
-            # Seeded, so that "random" names one fixed set of weights (the feature cache relies on it).
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                trunk = self._create_trunk(cfg)
-            self.weights_source, self.weights_path = "random", None
-        else:
-            full, self.weights_source, self.weights_path = create_classifier(cfg.name, cfg.weights)
-            # The features-only trunk is a subset of the classifier's modules under the same names: it
-            # takes its tensors from the strictly loaded classifier, and must find every one of them.
-            trunk = self._create_trunk(cfg, full.state_dict())
-            del full
+        trunk = self._load_trunk(cfg)
         # The digest, not the path, identifies the weights: a moved file keeps its feature cache.
         self.weights_sha256 = sha256_file(self.weights_path) if self.weights_path is not None else None
 
@@ -132,8 +119,28 @@ class FeatureExtractor(nn.Module):
         if self.channels_last:
             self.trunk.to(memory_format=torch.channels_last)
 
-        # The exact grid of the first layer at this image size (padding rules differ between models, so
-        # run one image rather than guessing from the stride).
+        self.grid: tuple[int, int] = self._probe_grid(cfg, device)
+        self._identity_cache: dict | None = None
+
+    def _load_trunk(self, cfg: BackboneConfig) -> nn.Module:
+        """The features-only trunk with its weights; sets weights_source and weights_path."""
+        if cfg.weights == "none":
+            if not timm.is_model(cfg.name):
+                raise BackboneError(f"backbone.name '{cfg.name}' is not a timm model (see timm.list_models())")
+            # Seeded, so that "random" names one fixed set of weights (the feature cache relies on it).
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                trunk = self._create_trunk(cfg)
+            self.weights_source, self.weights_path = "random", None
+            return trunk
+        full, self.weights_source, self.weights_path = create_classifier(cfg.name, cfg.weights)
+        # The features-only trunk is a subset of the classifier's modules under the same names: it
+        # takes its tensors from the strictly loaded classifier, and must find every one of them.
+        return self._create_trunk(cfg, full.state_dict())
+
+    def _probe_grid(self, cfg: BackboneConfig, device: torch.device) -> tuple[int, int]:
+        """The exact grid of the first layer at this image size (padding rules differ between models, so
+        run one image rather than guessing from the stride); checks feature_info's channel counts."""
         try:
             with torch.no_grad():
                 maps = self.trunk(self._prepare(torch.zeros(1, 3, self.image_size, self.image_size, device=device)))
@@ -144,10 +151,10 @@ class FeatureExtractor(nn.Module):
         for m, c in zip(maps, self.layer_channels):
             if m.shape[1] != c:
                 raise BackboneError(f"backbone {cfg.name}: feature_info says {c} channels, the trunk gives {m.shape[1]}")
-        self.grid: tuple[int, int] = (int(maps[0].shape[-2]), int(maps[0].shape[-1]))
-        if min(self.grid) < 1:
+        grid = (int(maps[0].shape[-2]), int(maps[0].shape[-1]))
+        if min(grid) < 1:
             raise BackboneError(f"image size {self.image_size} is too small for backbone {cfg.name} layers {self.layers}")
-        self._identity_cache: dict | None = None
+        return grid
 
     def _create_trunk(self, cfg: BackboneConfig, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
         kwargs = {"features_only": True, "out_indices": self.layers}

@@ -13,7 +13,7 @@ import hashlib
 import json
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -133,6 +133,86 @@ def _load_cached(file: Path, grid: tuple[int, int], channels: int, desc_dim: int
     return patches, descriptor
 
 
+@dataclass
+class _Out:
+    """The tensors `extract_features` fills, image by image."""
+
+    patches: torch.Tensor  # (N, H, W, C)
+    descriptors: torch.Tensor  # (N, D)
+    labels: torch.Tensor  # (N,)
+    masks: list[torch.Tensor | None] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+    class_names: list[str] = field(default_factory=list)
+
+
+def _cached_or_todo(out: _Out, items: list[dict], start: int, cache: Path | None, identity: dict | None,
+                    shape: tuple[int, int, int, int]) -> tuple[list[int], list[str | None]]:
+    """Record each item's label, mask, path and class; fill cached features. Returns the positions in
+    `items` that need the backbone and each item's cache key (None: not cached on disk)."""
+    h, w, c, d = shape
+    todo: list[int] = []
+    keys: list[str | None] = []
+    for j, item in enumerate(items):
+        i = start + j
+        path = str(item["path"])
+        out.labels[i] = int(item["label"])
+        mask = item["mask"]
+        # Masks arrive as {0,1} floats (or 0/255 integers): anything above one half is a defect pixel.
+        out.masks.append(mask if mask is None or mask.dtype == torch.bool else mask > 0.5)
+        out.paths.append(path)
+        out.class_names.append(str(item["class_name"]))
+        key = None
+        if cache is not None:
+            try:
+                key = cache_key(identity, path)
+            except OSError as exc:  # the image did not come from a readable file: keep it in memory only
+                warnings.warn(f"cannot hash image file {path} ({exc}); its features are not cached on disk", stacklevel=3)
+        keys.append(key)
+        hit = _load_cached(_cache_file(cache, key), (h, w), c, d) if key is not None else None
+        if hit is None:
+            todo.append(j)
+        else:
+            out.patches[i], out.descriptors[i] = hit[0].float(), hit[1].float()
+    return todo, keys
+
+
+def _compute(out: _Out, extractor: FeatureExtractor, items: list[dict], start: int, todo: list[int],
+             keys: list[str | None], cache: Path | None, shape: tuple[int, int, int, int]) -> None:
+    """Run the backbone on items `todo`, check the features, store them (float16-rounded when cached)."""
+    h, w, c, d = shape
+    images = torch.stack([items[j]["image"] for j in todo])  # (b, 3, S, S)
+    p, g = extractor(images)  # (b, H, W, C), (b, D)
+    p, g = p.detach().float().cpu(), g.detach().float().cpu()
+    if tuple(p.shape[1:]) != (h, w, c) or tuple(g.shape[1:]) != (d,):
+        raise FeatureError(
+            f"the backbone gave features {tuple(p.shape[1:])} for images {tuple(images.shape[1:])} "
+            f"(first: {out.paths[start + todo[0]]}), expected {(h, w, c)}: the dataset's image size must be "
+            "the one the extractor was built for"
+        )
+    for k, j in enumerate(todo):
+        i, path = start + j, out.paths[start + j]
+        _check_finite(p[k], g[k], path)
+        if cache is not None:
+            ph, gh = _to_float16(p[k], g[k], path)
+            if keys[j] is not None:
+                data = save({"patches": ph.contiguous(), "descriptor": gh.contiguous()})
+                atomic_write_bytes(_cache_file(cache, keys[j]), data)
+            out.patches[i], out.descriptors[i] = ph.float(), gh.float()
+        else:
+            out.patches[i], out.descriptors[i] = p[k], g[k]
+
+
+def _stack_masks(masks: list[torch.Tensor | None], paths: list[str], desc: str) -> torch.Tensor | None:
+    """(N, 1, S, S) bool when every image has a mask, None when none has; a mix is an error."""
+    present = [m is not None for m in masks]
+    if all(present):
+        return torch.stack(masks)
+    if any(present):
+        missing = paths[present.index(False)]
+        raise ValueError(f"extract_features ({desc}): the dataset gives masks for some images but not for {missing}")
+    return None
+
+
 def extract_features(
     extractor: FeatureExtractor,
     dataset: ImageDataset,
@@ -159,70 +239,14 @@ def extract_features(
     cache = Path(cache_dir) if cache_dir else None
     identity = extractor.identity() if cache is not None else None
     h, w = extractor.grid
-    c, d = extractor.out_channels, extractor.desc_dim
-
-    patches = torch.empty(n, h, w, c, dtype=torch.float32)  # (N, H, W, C)
-    descriptors = torch.empty(n, d, dtype=torch.float32)  # (N, D)
-    labels = torch.empty(n, dtype=torch.long)
-    masks: list[torch.Tensor | None] = []
-    paths: list[str] = []
-    class_names: list[str] = []
-
+    shape = (h, w, extractor.out_channels, extractor.desc_dim)
+    out = _Out(torch.empty(n, h, w, shape[2], dtype=torch.float32), torch.empty(n, shape[3], dtype=torch.float32),
+               torch.empty(n, dtype=torch.long))
     with tqdm(total=n, desc=desc, disable=not progress, unit="img") as bar:
         for start in range(0, n, batch_size):
             items = [dataset[i] for i in range(start, min(start + batch_size, n))]
-            todo: list[int] = []  # positions in `items` that need the backbone
-            keys: list[str | None] = []
-            for j, item in enumerate(items):
-                i = start + j
-                path = str(item["path"])
-                labels[i] = int(item["label"])
-                mask = item["mask"]
-                # Masks arrive as {0,1} floats (or 0/255 integers): anything above one half is a defect pixel.
-                masks.append(mask if mask is None or mask.dtype == torch.bool else mask > 0.5)
-                paths.append(path)
-                class_names.append(str(item["class_name"]))
-                key = None
-                if cache is not None:
-                    try:
-                        key = cache_key(identity, path)
-                    except OSError as exc:  # the image did not come from a readable file: keep it in memory only
-                        warnings.warn(f"cannot hash image file {path} ({exc}); its features are not cached on disk", stacklevel=2)
-                keys.append(key)
-                hit = _load_cached(_cache_file(cache, key), (h, w), c, d) if key is not None else None
-                if hit is None:
-                    todo.append(j)
-                else:
-                    patches[i], descriptors[i] = hit[0].float(), hit[1].float()
+            todo, keys = _cached_or_todo(out, items, start, cache, identity, shape)
             if todo:
-                images = torch.stack([items[j]["image"] for j in todo])  # (b, 3, S, S)
-                p, g = extractor(images)  # (b, H, W, C), (b, D)
-                p, g = p.detach().float().cpu(), g.detach().float().cpu()
-                if tuple(p.shape[1:]) != (h, w, c) or tuple(g.shape[1:]) != (d,):
-                    raise FeatureError(
-                        f"the backbone gave features {tuple(p.shape[1:])} for images {tuple(images.shape[1:])} "
-                        f"(first: {paths[start + todo[0]]}), expected {(h, w, c)}: the dataset's image size must be "
-                        "the one the extractor was built for"
-                    )
-                for k, j in enumerate(todo):
-                    i, path = start + j, paths[start + j]
-                    _check_finite(p[k], g[k], path)
-                    if cache is not None:
-                        ph, gh = _to_float16(p[k], g[k], path)
-                        if keys[j] is not None:
-                            data = save({"patches": ph.contiguous(), "descriptor": gh.contiguous()})
-                            atomic_write_bytes(_cache_file(cache, keys[j]), data)
-                        patches[i], descriptors[i] = ph.float(), gh.float()
-                    else:
-                        patches[i], descriptors[i] = p[k], g[k]
+                _compute(out, extractor, items, start, todo, keys, cache, shape)
             bar.update(len(items))
-
-    present = [m is not None for m in masks]
-    if all(present):
-        mask_tensor: torch.Tensor | None = torch.stack(masks)  # (N, 1, S, S) bool
-    elif any(present):
-        missing = paths[present.index(False)]
-        raise ValueError(f"extract_features ({desc}): the dataset gives masks for some images but not for {missing}")
-    else:
-        mask_tensor = None
-    return FeatureSet(patches, descriptors, labels, mask_tensor, paths, class_names)
+    return FeatureSet(out.patches, out.descriptors, out.labels, _stack_masks(out.masks, out.paths, desc), out.paths, out.class_names)

@@ -17,9 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from moleflow.config import Config, ConfigError, config_to_dict, parse_override
-from moleflow.research.runs import (  # noqa: F401  DONE_MARKER, GRID_FILE, split_top_level: imported from here by grid.py
-    DONE_MARKER,
-    GRID_FILE,
+from moleflow.research.runs import (
     REPORTED,
     SEED_KEY,
     Run,

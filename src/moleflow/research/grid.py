@@ -20,23 +20,13 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from moleflow.atomic import atomic_write_text
-from moleflow.research.compare import (
-    DONE_MARKER,
-    GRID_FILE,
-    SEED_KEY,
-    flatten,
-    hashable_value,
-    is_non_setting,
-    split_top_level,
-)
 from moleflow.config import Config, ConfigError, config_to_dict, load_config, parse_override
+from moleflow.research.runs import SEED_KEY, flatten, hashable_value, is_non_setting, split_top_level
+from moleflow.results.rundir import GRID_FILE, RunDir, write_grid_listing
+from moleflow.results.schema import RunResults
 
 MAX_NAME = 150  # characters of a run directory name; longer names are cut and get a hash suffix
 _UNSAFE = re.compile(r"[^A-Za-z0-9._,=+\-]")  # anything else (/, spaces, brackets, quotes, :) becomes _
@@ -130,7 +120,7 @@ def plan_grid(config: Path, vary: list[str], seeds: list[int], overrides: list[s
 
 
 def is_finished(run_dir: Path) -> bool:
-    return (run_dir / "results.json").is_file() and (run_dir / DONE_MARKER).is_file()
+    return RunDir(run_dir).is_done()
 
 
 def _setting_diff(saved: dict, planned: dict) -> list[str]:
@@ -143,14 +133,10 @@ def _setting_diff(saved: dict, planned: dict) -> list[str]:
 def _check_not_stale(out: Path, runs: list[GridRun]) -> None:
     """A finished run made with another config (the YAML was edited since) must not be silently reused."""
     for r in runs:
-        d = out / r.name
-        if not (is_finished(d) and (d / "config.yaml").is_file()):
+        d = RunDir(out / r.name)
+        if not (d.is_done() and d.config_file.is_file()):
             continue
-        try:
-            saved = yaml.safe_load((d / "config.yaml").read_text()) or {}
-        except yaml.YAMLError:
-            raise ConfigError(f"{d / 'config.yaml'} is not valid YAML; delete the run directory {d} to run it again") from None
-        diff = _setting_diff(saved, config_to_dict(r.cfg))
+        diff = _setting_diff(d.read_config(), config_to_dict(r.cfg))
         if diff:
             raise ConfigError(
                 f"{d} is a finished run made with a different config ({'; '.join(diff[:3])}{' …' if len(diff) > 3 else ''}); "
@@ -177,16 +163,11 @@ def _write_listing(out: Path, config: Path, vary: list[str], seeds: list[int], o
         "runs": [{"name": r.name, "overrides": r.overrides, "status": status.get(r.name, "pending")} for r in runs]
         + [e for e in earlier if e["name"] not in planned],
     }
-    atomic_write_text(path, json.dumps(listing, indent=2))
+    write_grid_listing(out, listing)
 
 
-def _image_auroc(results: Any, run_dir: Path) -> float | None:
-    if not isinstance(results, dict) or "final" not in results:
-        try:
-            results = json.loads((run_dir / "results.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
-    return (results.get("final") or {}).get("image_auroc")
+def _image_auroc(results: RunResults | None) -> float | None:
+    return None if results is None or results.final is None else results.final.routed.get("image_auroc")
 
 
 def _show(v: float | None) -> str:
@@ -206,7 +187,7 @@ def run_grid(
     """Run every combination of `vary` values × `seeds` under `out`; returns the run directories in order.
 
     `overrides` apply to every run (e.g. data.root=...). `fit(cfg, run_dir, progress=, echo=)` trains one
-    run (default `moleflow.pipeline.run_fit`); an exception stops the grid, and that run starts again
+    run (default `moleflow.continual.jobs.run_fit`); an exception stops the grid, and that run starts again
     from scratch on the next call.
     """
     if fit is None:
@@ -224,7 +205,11 @@ def run_grid(
         d = out / r.name
         tag = f"[{i}/{n}] {r.name}"
         if is_finished(d):
-            echo(f"{tag}: skipped (finished earlier, image AUROC {_show(_image_auroc(None, d))})")
+            try:
+                earlier = RunDir(d).read_results()
+            except ConfigError:
+                earlier = None
+            echo(f"{tag}: skipped (finished earlier, image AUROC {_show(_image_auroc(earlier))})")
             continue
         if d.exists():
             echo(f"{tag}: unfinished earlier run removed, starting again")
@@ -233,9 +218,9 @@ def run_grid(
         t0 = time.perf_counter()
         results = fit(r.cfg, d, progress=progress, echo=echo)
         seconds = time.perf_counter() - t0
-        atomic_write_text(d / DONE_MARKER, json.dumps({"finished": datetime.now().isoformat(timespec="seconds"), "seconds": round(seconds, 1)}) + "\n")
+        RunDir(d).mark_done(seconds)
         status[r.name] = "done"
         _write_listing(out, config, vary, seeds, overrides, runs, status)
-        echo(f"{tag}: done in {seconds:.0f} s, image AUROC {_show(_image_auroc(results, d))}")
+        echo(f"{tag}: done in {seconds:.0f} s, image AUROC {_show(_image_auroc(results if isinstance(results, RunResults) else None))}")
     echo(f"grid: {n} run(s) in {out}; compare them with: moleflow report {out}")
     return [out / r.name for r in runs]

@@ -1,7 +1,7 @@
 """Reading finished run directories for `moleflow report` (`compare.py`).
 
-This module owns what a run directory looks like from the outside (the `DONE` marker, `grid.json`,
-the dotted flattening of config.yaml); `grid.py` imports these names through `compare.py`. A run's
+The file names of a run directory are `results/rundir.py`'s; this module owns how runs are told apart
+(the dotted flattening of config.yaml, the keys that are not settings), which `grid.py` shares. A run's
 results.json is read for its `final` values of `REPORTED` only, so a hand-written or partial final block
 still compares; a results.json of an unknown format version is skipped with the reason.
 """
@@ -14,10 +14,9 @@ from typing import Any
 
 import yaml
 
+from moleflow.results.rundir import CONFIG_FILE, DONE_MARKER, GRID_FILE, RESULTS_FILE
 from moleflow.results.schema import METRICS, ROUTING, ResultsFormatError, check_format_version
 
-DONE_MARKER = "DONE"  # written by `moleflow grid` after run_fit returned: the run is complete
-GRID_FILE = "grid.json"  # a grid folder: lists its runs and their overrides
 SEED_KEY = "train.seed"
 
 # Keys that say how a run is shown, cached or placed, not what was trained: two runs that differ only
@@ -117,7 +116,7 @@ def load_run(path: Path, need_done: bool = False) -> Run | Skipped:
     path = Path(path)
     if not path.is_dir():
         return Skipped(path, "no such directory")
-    res_path, cfg_path = path / "results.json", path / "config.yaml"
+    res_path, cfg_path = path / RESULTS_FILE, path / CONFIG_FILE
     if not res_path.is_file():
         return Skipped(path, "not finished or not a run directory: results.json is missing")
     if need_done and not (path / DONE_MARKER).is_file():

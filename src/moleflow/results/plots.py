@@ -21,7 +21,6 @@ from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from moleflow.results.panels import draw_panels, save_figure
-from moleflow.results.panels import save_prediction_pngs  # noqa: F401  moleflow.predict imports it from here for now
 from moleflow.results.schema import RunResults, get_metric
 
 GOOD_COLOR, DEFECT_COLOR = "tab:blue", "tab:red"
