@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from moleflow.features.backbone import FeatureExtractor
-from moleflow.config import load_config
+from moleflow.config import RouterConfig, load_config
 from moleflow.data import build_dataset
 from moleflow.features.cache import FeatureSet, extract_features
 from moleflow.metrics import compute_metrics
@@ -111,7 +111,7 @@ def flow(folders: list[Path], overrides: list[str], cache: str, parts: bool, pos
         model.add_task(t)
         t0 = time.perf_counter()
         fit_task(model, t, train, cfg.train, cfg.loss, device, progress=False)
-        scorer = Scorer(model, TaskRouter("oracle"), cfg.scoring, cfg.data.image_size, device)
+        scorer = Scorer(model, TaskRouter(RouterConfig(mode="oracle")), cfg.scoring, cfg.data.image_size, device)
         sc = scorer.score_features(test, torch.full((len(test),), t))
         row = {"task": t, "category": folder.name, **metrics(test, sc.image, sc.maps), "train_s": round(time.perf_counter() - t0, 1)}
         if parts:

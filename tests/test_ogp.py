@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from moleflow.cli import main
-from moleflow.config import Config, ConfigError, load_config
+from moleflow.config import ConfigError, load_config
 from moleflow.features.cache import FeatureSet
 from moleflow.model.mole_flow import MoLEFlow
 from moleflow.continual.ogp import GradientMemory, task_gradients

@@ -2,7 +2,13 @@ import torch
 
 import pytest
 
+from moleflow.config import RouterConfig
 from moleflow.router import UNKNOWN, Prototype, TaskRouter, fit_prototype, select_descriptor
+
+
+def notes_router(**settings) -> TaskRouter:
+    """A router with the notes' rule unless told otherwise (mean descriptor, Ledoit-Wolf, distance)."""
+    return TaskRouter(RouterConfig(**{"descriptor": "mean", "shrinkage": -1.0, "likelihood": False, **settings}))
 
 
 def desc(x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
@@ -19,7 +25,7 @@ def _clusters(n=60, d=16, seed=0):
 def test_mahalanobis_routing_batched():
     train = _clusters(seed=0)
     test = _clusters(seed=1)
-    r = TaskRouter()
+    r = notes_router()
     for t, x in enumerate(train):
         r.add_task(t, x)
     for t, x in enumerate(test):
@@ -33,7 +39,7 @@ def test_mahalanobis_uses_the_covariance():
     g = torch.Generator().manual_seed(0)
     a = torch.randn(500, 2, generator=g) * torch.tensor([10.0, 0.1])
     b = torch.randn(500, 2, generator=g) * 0.1 + torch.tensor([6.0, 1.0])
-    r = TaskRouter()
+    r = notes_router()
     r.add_task(0, desc(a))
     r.add_task(1, desc(b))
     x = desc(torch.tensor([[6.0, 0.0]]))
@@ -43,9 +49,9 @@ def test_mahalanobis_uses_the_covariance():
 
 def test_oracle_and_unknown():
     train = _clusters()
-    r = TaskRouter(mode="oracle")
+    r = notes_router(mode="oracle")
     assert (r.route(train[0], true_tasks=torch.full((60,), 2)) == 2).all()
-    r = TaskRouter(unknown=True)
+    r = notes_router(unknown=True)
     for t, x in enumerate(train[:2]):
         r.add_task(t, x)
     assert (r.route(_clusters(seed=3)[0]) == 0).float().mean() > 0.9
@@ -55,7 +61,7 @@ def test_oracle_and_unknown():
 
 def test_hybrid_picks_lower_nll_among_top2():
     train = _clusters()
-    r = TaskRouter(mode="hybrid", hybrid_top_k=2)
+    r = notes_router(mode="hybrid", hybrid_top_k=2)
     for t, x in enumerate(train):
         r.add_task(t, x)
     x = _clusters(seed=5)[0][:4]
@@ -78,7 +84,7 @@ def test_prototype_round_trip():
 
 def test_calibrated_routing_compares_in_threshold_units():
     train = _clusters()
-    r = TaskRouter(calibrated=True)
+    r = notes_router(calibrated=True)
     for t, x in enumerate(train):
         r.add_task(t, x)
     x = _clusters(seed=4)[1][:8]
@@ -94,7 +100,7 @@ def test_descriptor_choice_routes_on_its_own_statistic():
     g = torch.Generator().manual_seed(0)
     same_mean = torch.randn(3, 80, 8, generator=g)  # the means of the three tasks look alike ...
     spread = [torch.randn(80, 8, generator=g) * 0.2 + 2.0 * t for t in range(3)]  # ... their log RMSs do not
-    r_std, r_mean = TaskRouter(descriptor="log_rms"), TaskRouter(descriptor="mean")
+    r_std, r_mean = notes_router(descriptor="log_rms"), notes_router(descriptor="mean")
     for t in range(3):
         r_std.add_task(t, desc(same_mean[t], spread[t]))
         r_mean.add_task(t, desc(same_mean[t], spread[t]))
@@ -117,7 +123,7 @@ def test_fixed_shrinkage_and_likelihood_rule():
     # Likelihood: a broad task and a narrow one at the same squared distance -> the narrow one explains the
     # image better (its density is higher there); plain Mahalanobis cannot tell them apart.
     broad, narrow = torch.randn(500, 2, generator=g) * 4.0, torch.randn(500, 2, generator=g) + torch.tensor([14.0, 0.0])
-    r_lik, r_dist = TaskRouter(shrinkage=0.0, likelihood=True), TaskRouter(shrinkage=0.0, likelihood=False)
+    r_lik, r_dist = notes_router(shrinkage=0.0, likelihood=True), notes_router(shrinkage=0.0, likelihood=False)
     for r in (r_lik, r_dist):
         r.add_task(0, desc(broad))
         r.add_task(1, desc(narrow))

@@ -51,7 +51,7 @@ def run_predict(model_dir: Path, paths: list[Path], out_dir: Path, progress: boo
     from moleflow.results.panels import save_prediction_pngs
 
     size = system.cfg.data.image_size
-    if system.router.mode == "oracle":
+    if system.router.cfg.mode == "oracle":
         raise ConfigError("this model routes with the oracle (router.mode: oracle), which needs each image's true task; "
                           "predict cannot know it: retrain with router.mode=mahalanobis")
     files = collect_images(paths)

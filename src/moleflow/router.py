@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from sklearn.covariance import LedoitWolf
 
+from moleflow.config import RouterConfig
+
 UNKNOWN = -1  # the routed task of an image no learned task explains (router.unknown = true)
 
 
@@ -92,20 +94,12 @@ def _sq_mahalanobis(x: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor
 class TaskRouter:
     """Batched Mahalanobis routing with the `oracle`, `hybrid` and `unknown` options of the config."""
 
-    def __init__(self, mode: str = "mahalanobis", hybrid_top_k: int = 2, unknown: bool = False, unknown_quantile: float = 0.99,
-                 calibrated: bool = False, descriptor: str = "mean", shrinkage: float = -1.0, likelihood: bool = False):
-        if mode not in ("mahalanobis", "oracle", "hybrid"):
-            raise ValueError(f"router mode must be mahalanobis, oracle or hybrid, not {mode!r}")
-        if descriptor not in DESCRIPTORS:
-            raise ValueError(f"router descriptor must be one of {list(DESCRIPTORS)}, not {descriptor!r}")
-        self.descriptor = descriptor
-        self.shrinkage = shrinkage
-        self.likelihood = likelihood
-        self.mode = mode
-        self.hybrid_top_k = hybrid_top_k
-        self.unknown = unknown
-        self.unknown_quantile = unknown_quantile
-        self.calibrated = calibrated
+    def __init__(self, cfg: RouterConfig = RouterConfig()) -> None:
+        if cfg.mode not in ("mahalanobis", "oracle", "hybrid"):
+            raise ValueError(f"router mode must be mahalanobis, oracle or hybrid, not {cfg.mode!r}")
+        if cfg.descriptor not in DESCRIPTORS:
+            raise ValueError(f"router descriptor must be one of {list(DESCRIPTORS)}, not {cfg.descriptor!r}")
+        self.cfg = cfg
         self.prototypes: dict[int, Prototype] = {}
 
     @property
@@ -115,8 +109,8 @@ class TaskRouter:
     def add_task(self, task: int, descriptors: torch.Tensor) -> None:
         if task in self.prototypes:
             raise ValueError(f"the router already has task {task}")
-        self.prototypes[task] = fit_prototype(select_descriptor(descriptors, self.descriptor), self.unknown_quantile,
-                                              self.shrinkage)
+        self.prototypes[task] = fit_prototype(select_descriptor(descriptors, self.cfg.descriptor), self.cfg.unknown_quantile,
+                                              self.cfg.shrinkage)
 
     def set_prototype(self, task: int, proto: Prototype) -> None:
         self.prototypes[task] = proto
@@ -124,7 +118,7 @@ class TaskRouter:
     def distances(self, descriptors: torch.Tensor) -> torch.Tensor:
         """Squared Mahalanobis distance of each image (extractor descriptors (B, 2C)) to each task: (B, T)."""
         tasks = sorted(self.prototypes)
-        x = select_descriptor(descriptors, self.descriptor)
+        x = select_descriptor(descriptors, self.cfg.descriptor)
         return torch.stack([_sq_mahalanobis(x, self.prototypes[t].mean, self.prototypes[t].precision) for t in tasks], dim=1)
 
     def _penalties(self) -> torch.Tensor:
@@ -142,7 +136,7 @@ class TaskRouter:
         `true_tasks` is used by the oracle mode only. `task_nll(index, tasks)` gives the flow's mean
         patch NLL of images `index` under `tasks`; the hybrid mode needs it.
         """
-        if self.mode == "oracle":
+        if self.cfg.mode == "oracle":
             if true_tasks is None:
                 raise ValueError("oracle routing needs the true task of every image")
             return true_tasks.clone().long()
@@ -156,22 +150,22 @@ class TaskRouter:
         # sees its own images closer than new ones by a factor that depends on N/D; on ELPV this
         # routed defective mono cells to poly less often (80% -> 85% of mono test cells right), but
         # the quantile is a noisy scale with few images. `likelihood`: distance + log|Σ_t|.
-        if self.calibrated:
+        if self.cfg.calibrated:
             choice = d
-        elif self.likelihood:
+        elif self.cfg.likelihood:
             choice = dist + self._penalties()
         else:
             choice = dist
         routed = tasks[choice.argmin(dim=1)]
-        if self.mode == "hybrid" and len(tasks) > 1:
+        if self.cfg.mode == "hybrid" and len(tasks) > 1:
             if task_nll is None:
                 raise ValueError("hybrid routing needs the flow's likelihood (task_nll)")
-            k = min(self.hybrid_top_k, len(tasks))
+            k = min(self.cfg.hybrid_top_k, len(tasks))
             cand = tasks[choice.topk(k, dim=1, largest=False).indices]  # (B, k)
             index = torch.arange(len(descriptors))
             nll = torch.stack([task_nll(index, cand[:, j]) for j in range(k)], dim=1)  # (B, k)
             routed = cand.gather(1, nll.argmin(dim=1, keepdim=True)).squeeze(1)
-        if self.unknown:
+        if self.cfg.unknown:
             beyond = d.min(dim=1).values > 1.0  # beyond the nearest task's own threshold
             routed = torch.where(beyond, torch.full_like(routed, UNKNOWN), routed)
         return routed

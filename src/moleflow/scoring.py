@@ -141,7 +141,7 @@ class Scorer:
     def _likelihood_fn(self, patches: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
         """For the hybrid router: mean patch NLL of images `index` of `patches` under `tasks`.
         Always the NLL (a likelihood compares tasks), whatever `scoring.patch_score` the maps use."""
-        if self.router.mode != "hybrid":
+        if self.router.cfg.mode != "hybrid":
             return None
 
         @torch.no_grad()

@@ -53,8 +53,7 @@ def build_system(cfg: Config) -> System:
     device = resolve_device(cfg.train.device)
     extractor = FeatureExtractor(cfg.backbone, cfg.data.image_size, device)
     model = MoLEFlow(cfg.model, extractor.out_channels).to(device)
-    router = TaskRouter(cfg.router.mode, cfg.router.hybrid_top_k, cfg.router.unknown, cfg.router.unknown_quantile,
-                        cfg.router.calibrated, cfg.router.descriptor, cfg.router.shrinkage, cfg.router.likelihood)
+    router = TaskRouter(cfg.router)
     memory = GradientMemory(cfg.train.ogp_threshold, cfg.train.ogp_max_rank) if cfg.train.ogp else None
     return System(cfg, device, extractor, model, router, memory=memory)
 

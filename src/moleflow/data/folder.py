@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moleflow.data.images import DatasetError, Sample, find_mask, index_masks, list_images
+from moleflow.data.images import DatasetError, Sample, defect_samples, list_images
 
 
 def _sub(class_dir: Path, rel: str, key: str) -> Path:
@@ -45,17 +45,7 @@ def folder_samples(
     defect_dir = _sub(class_dir, test_defect, "folder_test_defect")
     samples = [Sample(p, 0, None, class_name, dataset) for p in list_images(good_dir)]
     mask_dir = _sub(class_dir, masks, "folder_masks") if masks.strip() else None
-    mask_index = index_masks(mask_dir) if mask_dir is not None else {}
-    for p in list_images(defect_dir):
-        mask: Path | None = None
-        if mask_dir is not None:
-            mask = find_mask(mask_index, p.stem)
-            if mask is None:
-                raise DatasetError(
-                    f"defect image {p} has no mask in {mask_dir} (expected {p.stem}.png or "
-                    f"{p.stem}_mask.png, any image extension)"
-                )
-        samples.append(Sample(p, 1, mask, class_name, dataset))
+    samples += defect_samples(defect_dir, mask_dir, class_name, dataset)
     if not samples:
         raise DatasetError(f"no test images in {good_dir} or {defect_dir}")
     return sorted(samples, key=lambda s: s.path)

@@ -72,6 +72,20 @@ def find_mask(index: dict[str, Path], image_stem: str) -> Path | None:
     return index.get(f"{image_stem}_mask") or index.get(image_stem)
 
 
+def defect_samples(folder: Path, mask_dir: Path | None, class_name: str, dataset: str) -> list[Sample]:
+    """The defective images directly in `folder`, each with its mask from `mask_dir` (None: the layout
+    has no masks); a defect image without a mask is a DatasetError naming the image and the folder."""
+    index = index_masks(mask_dir) if mask_dir is not None else {}
+    samples = []
+    for p in list_images(folder):
+        mask = find_mask(index, p.stem) if mask_dir is not None else None
+        if mask_dir is not None and mask is None:
+            raise DatasetError(f"defect image {p} has no mask in {mask_dir}: expected {p.stem}_mask.png or "
+                               f"{p.stem}.png (any image extension)")
+        samples.append(Sample(p, 1, mask, class_name, dataset))
+    return samples
+
+
 # --------------------------------------------------------------------------- decoding
 
 

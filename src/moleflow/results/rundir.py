@@ -39,25 +39,12 @@ GRID_FILE = "grid.json"
 class RunDir:
     path: Path
 
-    @property
-    def model(self) -> Path:
-        return self.path / MODEL_DIR
-
-    @property
-    def results_file(self) -> Path:
-        return self.path / RESULTS_FILE
-
-    @property
-    def config_file(self) -> Path:
-        return self.path / CONFIG_FILE
-
-    @property
-    def plots(self) -> Path:
-        return self.path / PLOTS_DIR
-
-    @property
-    def report(self) -> Path:
-        return self.path / REPORT_FILE
+    # The run's files and folders (they need not exist yet).
+    model = property(lambda self: self.path / MODEL_DIR)
+    results_file = property(lambda self: self.path / RESULTS_FILE)
+    config_file = property(lambda self: self.path / CONFIG_FILE)
+    plots = property(lambda self: self.path / PLOTS_DIR)
+    report = property(lambda self: self.path / REPORT_FILE)
 
     def create(self) -> RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
