@@ -1,0 +1,1 @@
+"""Stage 8: scenarios, methods, training, evaluation, and the jobs behind `fit`, `add-task`, `evaluate`."""

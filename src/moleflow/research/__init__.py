@@ -1,0 +1,1 @@
+"""Stage 9: experiment grids, run comparisons and analyses."""

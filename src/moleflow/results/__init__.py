@@ -1,0 +1,1 @@
+"""Stage 7: typed results, their tables, plots and HTML page, and the run directory."""
