@@ -49,7 +49,6 @@ from moleflow.config import Config, ConfigError, load_config
 from moleflow.data import IMAGE_EXTENSIONS, MPDD_CLASSES, MVTEC_CLASSES, DatasetError, ImageDataset, build_dataset, load_image
 from moleflow.features.cache import FeatureSet, extract_features
 from moleflow.continual.system import System, build_system, learn_new_task, task_features
-from moleflow.predict import predict_batch  # what `moleflow predict` computes, minus file I/O
 from moleflow.scoring import anomaly_map, image_score, patch_scores
 from moleflow.continual.train import seed_everything
 
@@ -109,6 +108,15 @@ def decode(paths: list[Path], image_size: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- the predict path
+
+
+@torch.no_grad()
+def predict_batch(system: System, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What `moleflow predict` and `Detector.predict` compute for a batch, minus file I/O: the system's
+    Scorer without a task id → routed task (B,), image score (B,), anomaly map (B, S, S)."""
+    sc = system.scorer.score_images(images)
+    return sc.tasks, sc.image, sc.maps
+
 
 
 @torch.no_grad()

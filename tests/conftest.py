@@ -10,7 +10,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 
-from helpers import shared_data_path, write_tiny_mvtec
+from helpers import CONFIGS, shared_data_path, write_striped_class, write_tiny_mvtec
 
 
 @pytest.fixture(scope="session")
@@ -25,3 +25,24 @@ def shared_data_dir() -> Path:
 def tiny_mvtec(tmp_path: Path) -> Path:
     """Root of a tiny MVTec-layout dataset with the classes bottle and grid (32x32 PNGs)."""
     return write_tiny_mvtec(tmp_path / "mvtec", ("bottle", "grid"))
+
+
+@pytest.fixture(scope="session")
+def striped_root(tmp_path_factory) -> Path:
+    """Three coloured, striped classes in MVTec layout (64 px): bottle, grid and screw."""
+    root = tmp_path_factory.mktemp("striped")
+    write_striped_class(root, "bottle", (200, 60, 40), seed=1)
+    write_striped_class(root, "grid", (40, 90, 210), seed=2)
+    write_striped_class(root, "screw", (60, 200, 60), seed=3)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_model(striped_root, tmp_path_factory) -> Path:
+    """A model of bottle and grid (smoke config, one epoch), trained once per test session; copy it
+    before changing it."""
+    from moleflow import Detector
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    Detector.fit(CONFIGS / "smoke.yaml", out, [f"data.root={striped_root}", "scenario.tasks=[[bottle],[grid]]"])
+    return out / "model"

@@ -22,6 +22,7 @@ COMMANDS = {
     "grid": "run an experiment grid (--vary key=v1,v2 --seeds 0,1), resumable",
     "report": "compare run directories in grouped Markdown tables",
     "analyze": "analyses of trained runs (tail: the tail-aware loss analysis suite)",
+    "serve": "an HTTP inspection service with a browser page (POST /predict, GET /tasks, /health, /docs)",
 }
 
 
@@ -92,6 +93,13 @@ def _parser() -> argparse.ArgumentParser:
     an.add_argument("--task", type=int, default=0, help="which task of the runs to analyse")
     an.add_argument("--max-images", type=int, default=64, help="images per split used for the measurements")
     an.add_argument("--sweep", nargs="*", type=Path, default=[], help="runs differing in loss.tail_ratio, for measurement 7")
+    sv = sub.add_parser("serve", help=COMMANDS["serve"], parents=[common])
+    sv.add_argument("model_dir", type=Path)
+    sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default %(default)s: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted image file (default %(default)s MB)")
+    sv.add_argument("--max-batch", type=int, default=16, help="images scored together across requests (default %(default)s)")
+    sv.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a request waits for others to batch with")
     return p
 
 
@@ -219,8 +227,21 @@ def _analyze(args: argparse.Namespace, progress: bool) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace, progress: bool) -> int:
+    import uvicorn
+
+    from moleflow.service.app import ServiceConfig, create_app
+
+    cfg = ServiceConfig(args.model_dir, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_batch=args.max_batch,
+                        batch_wait_s=args.batch_wait_ms / 1000.0)
+    app = create_app(cfg)  # loads the model first: a bad model directory is a one-line error, not a server
+    print(f"serving {args.model_dir} on http://{args.host}:{args.port}/ (docs at /docs); Ctrl-C stops")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+    return 0
+
+
 HANDLERS = {"fit": _fit, "add-task": _add_task, "evaluate": _evaluate, "predict": _predict, "demo": _demo,
-            "grid": _grid, "report": _report, "analyze": _analyze}
+            "grid": _grid, "report": _report, "analyze": _analyze, "serve": _serve}
 
 
 def _run(args: argparse.Namespace) -> int:

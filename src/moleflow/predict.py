@@ -2,6 +2,7 @@
 
 For every image: one JSON line (path, routed task, image score, threshold, anomalous) in
 `predictions.jsonl`, and the anomaly map as a colour PNG plus an overlay on the image under `maps/`.
+The scoring is `Detector`'s (api.py), the same as the Python API's and the service's.
 """
 from __future__ import annotations
 
@@ -11,13 +12,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from moleflow.api import Detector, Prediction
 from moleflow.atomic import atomic_write_text
 from moleflow.config import ConfigError
-from moleflow.data import DatasetError, load_image
-from moleflow.continual.system import System, load_system
+from moleflow.data import IMAGE_EXTENSIONS, DatasetError, is_image_file, load_image
+from moleflow.results.panels import save_prediction_pngs
 from moleflow.router import UNKNOWN
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
 def collect_images(paths: list[Path]) -> list[Path]:
@@ -26,9 +26,9 @@ def collect_images(paths: list[Path]) -> list[Path]:
     for p in paths:
         p = Path(p)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            found = sorted(f for f in p.rglob("*") if is_image_file(f))
             if not found:
-                raise DatasetError(f"{p} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+                raise DatasetError(f"{p} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
             files += found
         elif p.is_file():
             files.append(p)
@@ -37,21 +37,20 @@ def collect_images(paths: list[Path]) -> list[Path]:
     return files
 
 
-def predict_batch(system: System, images: torch.Tensor, names: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """images (B, 3, S, S) in [0, 1] -> routed task (B,), image score (B,) (NaN where unknown),
-    anomaly map (B, S, S): the system's scorer, without a task id. `names` (the files, for error
-    messages) default to the images' places in the batch."""
-    sc = system.scorer.score_images(images, names)
-    return sc.tasks, sc.image, sc.maps
+def _record(p: Prediction, index: int, path: Path, out_dir: Path, image) -> dict:
+    """One line of predictions.jsonl (and the PNGs of a known product)."""
+    if p.unknown:
+        return {"path": str(path), "task": UNKNOWN, "classes": None, "image_score": None, "threshold": None, "anomalous": None,
+                "note": "no learned task matches this image (unknown product)"}
+    stem = f"{index:05d}_{path.stem}"
+    save_prediction_pngs(image, p.anomaly_map, *p.map_range, out_dir / "maps" / f"{stem}_map.png", out_dir / "maps" / f"{stem}_overlay.png")
+    return {"path": str(path), "task": p.task, "classes": list(p.classes), "image_score": p.score, "threshold": p.threshold,
+            "anomalous": p.anomalous, "map": f"maps/{stem}_map.png", "overlay": f"maps/{stem}_overlay.png"}
 
 
-@torch.no_grad()
 def run_predict(model_dir: Path, paths: list[Path], out_dir: Path, progress: bool = True, batch_size: int = 8) -> int:
-    system = load_system(model_dir)
-    from moleflow.results.panels import save_prediction_pngs
-
-    size = system.cfg.data.image_size
-    if system.router.cfg.mode == "oracle":
+    detector = Detector.load(model_dir)
+    if detector.system.router.cfg.mode == "oracle":
         raise ConfigError("this model routes with the oracle (router.mode: oracle), which needs each image's true task; "
                           "predict cannot know it: retrain with router.mode=mahalanobis")
     files = collect_images(paths)
@@ -60,23 +59,8 @@ def run_predict(model_dir: Path, paths: list[Path], out_dir: Path, progress: boo
     lines = []
     for start in tqdm(range(0, len(files), batch_size), desc="predict", disable=not progress):
         batch = files[start : start + batch_size]
-        images = torch.stack([load_image(f, size) for f in batch])  # (B, 3, S, S) in [0, 1]
-        routed, scores, maps = predict_batch(system, images, [str(f) for f in batch])
-        for i, f in enumerate(batch):
-            t = int(routed[i])
-            record = {"path": str(f), "task": t}
-            if t == UNKNOWN:
-                record.update({"classes": None, "image_score": None, "threshold": None, "anomalous": None,
-                               "note": "no learned task matches this image (unknown product)"})
-            else:
-                rec = system.tasks[t]
-                vmax = rec.threshold + 0.5 * max(rec.threshold - rec.map_low, 1e-6)
-                stem = f"{start + i:05d}_{f.stem}"
-                save_prediction_pngs(images[i], maps[i].numpy(), rec.map_low, vmax,
-                                     out_dir / "maps" / f"{stem}_map.png", out_dir / "maps" / f"{stem}_overlay.png")
-                record.update({"classes": rec.classes, "image_score": float(scores[i]), "threshold": rec.threshold,
-                               "anomalous": bool(scores[i] > rec.threshold),
-                               "map": f"maps/{stem}_map.png", "overlay": f"maps/{stem}_overlay.png"})
-            lines.append(json.dumps(record))
+        images = [load_image(f, detector.image_size) for f in batch]  # (3, S, S) in [0, 1] each
+        preds = detector.predict_tensors(torch.stack(images), [str(f) for f in batch])
+        lines += [json.dumps(_record(p, start + i, f, out_dir, images[i])) for i, (p, f) in enumerate(zip(preds, batch))]
     atomic_write_text(out_dir / "predictions.jsonl", "\n".join(lines) + "\n")
     return len(lines)

@@ -6,6 +6,7 @@ normalised: the backbone normalises with its own statistics, and plots show the 
 """
 from __future__ import annotations
 
+import io
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,15 +139,42 @@ def _to_rgb8(im: Image.Image, path: Path) -> Image.Image:
         raise DatasetError(f"cannot convert image {path} (mode {mode}) to RGB: {exc}") from None
 
 
-def _decode_image(path: Path, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """-> (image (3, S, S) float in [0, 1], original (width, height) after EXIF orientation)."""
-    im = _open_decoded(path, "image")
-    size = im.size
-    rgb = _to_rgb8(im, Path(path))
+def _to_tensor(im: Image.Image, image_size: int, name: str | Path) -> torch.Tensor:
+    """A decoded Pillow image -> float RGB (3, S, S) in [0, 1]."""
+    rgb = _to_rgb8(im, Path(name))
     # Pillow's BILINEAR widens its filter when shrinking, so downscaling is antialiased.
     rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
     a = np.asarray(rgb, dtype=np.uint8)  # (S, S, 3)
-    return torch.from_numpy(a.copy()).permute(2, 0, 1).float().div_(255.0), size
+    return torch.from_numpy(a.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def _decode_image(path: Path, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """-> (image (3, S, S) float in [0, 1], original (width, height) after EXIF orientation)."""
+    im = _open_decoded(path, "image")
+    return _to_tensor(im, image_size, path), im.size
+
+
+def image_from_pil(im: Image.Image, image_size: int, name: str = "image") -> torch.Tensor:
+    """A Pillow image (any mode) as the model's input (3, S, S) in [0, 1], decoded like an image file."""
+    try:
+        im.load()
+        oriented = ImageOps.exif_transpose(im)
+        oriented.load()
+    except _DECODE_ERRORS as exc:
+        raise DatasetError(f"cannot read {name}: {exc.__class__.__name__}: {exc}") from None
+    return _to_tensor(oriented, image_size, name)
+
+
+def image_from_bytes(data: bytes, image_size: int, name: str = "upload") -> torch.Tensor:
+    """An encoded image file's bytes (PNG, JPEG, …) as the model's input; DatasetError naming `name`
+    when the bytes are empty, not an image, or truncated."""
+    if not data:
+        raise DatasetError(f"{name} is empty (0 bytes)")
+    try:
+        im = Image.open(io.BytesIO(data))
+    except _DECODE_ERRORS as exc:
+        raise DatasetError(f"{name} is not an image file ({exc.__class__.__name__}: {exc})") from None
+    return image_from_pil(im, image_size, name)
 
 
 def _decode_mask(path: Path, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:

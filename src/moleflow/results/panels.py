@@ -77,22 +77,22 @@ def _png_bytes(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def save_prediction_pngs(
-    image: torch.Tensor | np.ndarray,
-    amap: np.ndarray,
-    vmin: float,
-    vmax: float,
-    map_path: Path,
-    overlay_path: Path,
-) -> None:
-    """For `moleflow predict`: the anomaly map as a colour PNG and its overlay on the image, written atomically."""
+def prediction_pngs(image: torch.Tensor | np.ndarray, amap: np.ndarray, vmin: float, vmax: float) -> tuple[bytes, bytes]:
+    """The anomaly map as a colour PNG and its overlay on the image (PNG bytes), for predict and the service."""
     amap = np.asarray(amap)
     img = to_rgb_uint8(image)  # (S, S, 3)
     if img.shape[:2] != amap.shape:  # the map is at the model's input size; bring the image to it
         img = np.asarray(Image.fromarray(img).resize((amap.shape[1], amap.shape[0]), Image.Resampling.BILINEAR))
     rgb = colorize(amap, vmin, vmax)
-    atomic_write_bytes(Path(map_path), _png_bytes(rgb))
-    atomic_write_bytes(Path(overlay_path), _png_bytes(overlay(img, rgb)))
+    return _png_bytes(rgb), _png_bytes(overlay(img, rgb))
+
+
+def save_prediction_pngs(image: torch.Tensor | np.ndarray, amap: np.ndarray, vmin: float, vmax: float,
+                         map_path: Path, overlay_path: Path) -> None:
+    """For `moleflow predict`: `prediction_pngs`, written atomically."""
+    map_png, overlay_png = prediction_pngs(image, amap, vmin, vmax)
+    atomic_write_bytes(Path(map_path), map_png)
+    atomic_write_bytes(Path(overlay_path), overlay_png)
 
 
 def save_figure(fig: Figure, path: Path) -> Path:
