@@ -16,6 +16,7 @@ DESIGN_CHANGES = {
     "model.pos_encoding": ("concat", "add"),
     "train.lr": (1e-3, 3e-4),
     "scoring.patch_score": ("latent", "nll"),
+    "scoring.top_k": (50, 3),
     "router.descriptor": ("log_rms", "mean"),
     "router.shrinkage": (0.7, -1.0),
     "router.likelihood": (True, False),
