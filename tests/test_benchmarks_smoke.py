@@ -103,3 +103,16 @@ def test_peers_without_anomalib_says_why(tiny_root, capsys):
     assert code == 1
     assert "anomalib cannot be imported" in out.err and ".venv-bench" in out.err
     assert "not run" in out.out and "Traceback" not in out.out + out.err
+
+
+def test_serve_benchmark_reports_rates_latency_and_failures_across_an_add_task(trained_model, striped_root, capsys):
+    serve = _load("serve")
+    code = serve.main([str(trained_model), str(striped_root / "bottle" / "test"), "--clients", "3", "--requests", "9",
+                       "--add", "mvtec:screw", "--root", str(striped_root), "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["predict_img_s"] > 0 and out["served_over_predict"] > 0
+    for phase in ("served", "served_during_add_task", "served_after_add_task"):
+        r = out[phase]
+        assert r["failed"] == 0 and r["img_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0
+    assert out["served"]["generations"] == [1] and out["served_after_add_task"]["generations"] == [2]

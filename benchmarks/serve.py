@@ -1,0 +1,159 @@
+"""The inspection service under load: images/s, latency and failed requests, with and without an add-task.
+
+    .venv/bin/python benchmarks/serve.py MODEL_DIR IMAGES_DIR [--clients 8] [--requests 160]
+        [--add mvtec:transistor --root ../shared/data/mvtec_ad] [--json]
+
+Works on a copy of MODEL_DIR (the original is not changed). Starts `moleflow serve`'s app with uvicorn on
+127.0.0.1, then:
+1. `predict`'s batched rate in this process, for reference: `Detector.predict_tensors` on batches of
+   `--batch` decoded images (what `moleflow predict` computes, minus file reading and PNG writing);
+2. `--clients` concurrent clients send `--requests` requests of one image each (`?maps=false`, the same
+   scoring work as the reference), cycling through IMAGES_DIR: served images/s, p50/p99 latency, failed;
+3. with `--add`: the same load again while `add-task` learns that class into the served model directory;
+   the service reloads between batches; the figures include the slowdown of sharing the cores with training.
+Prints one table (or `--json`). Time it on an otherwise idle machine.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import json
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import torch
+import uvicorn
+
+from moleflow.api import Detector
+from moleflow.continual.jobs import run_add_task
+from moleflow.data import load_image
+from moleflow.predict import collect_images
+from moleflow.service.app import ServiceConfig, create_app
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def predict_rate(model: Path, files: list[Path], batch: int, repeats: int = 3) -> float:
+    det = Detector.load(model)
+    images = torch.stack([load_image(f, det.image_size) for f in files[:batch]])
+    det.predict_tensors(images, [str(f) for f in files[:batch]])  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        det.predict_tensors(images, [str(f) for f in files[:batch]])
+        times.append(time.perf_counter() - t0)
+    return len(images) / statistics.median(times)
+
+
+class Server:
+    def __init__(self, model: Path, max_batch: int) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        app = create_app(ServiceConfig(model, max_batch=max_batch))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def load(url: str, files: list[Path], clients: int, requests: int) -> dict:
+    """`requests` single-image requests from `clients` threads; rate, latency percentiles, failures."""
+    bodies = [(f.name, f.read_bytes()) for f in files]
+    latencies: list[float] = []
+    failed: list[str] = []
+    generations: set[int] = set()
+
+    def one(i: int) -> None:
+        name, data = bodies[i % len(bodies)]
+        t0 = time.perf_counter()
+        try:
+            r = httpx.post(f"{url}/predict?maps=false", files=[("files", (name, data, "image/png"))], timeout=600)
+            if r.status_code != 200:
+                failed.append(f"{r.status_code}: {r.text[:200]}")
+                return
+            generations.add(r.json()["generation"])
+        except httpx.HTTPError as exc:
+            failed.append(repr(exc))
+            return
+        latencies.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(one, range(requests)))
+    wall = time.perf_counter() - t0
+    q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [float("nan")] * 99
+    return {"requests": requests, "clients": clients, "img_s": len(latencies) / wall, "p50_ms": 1000 * q[49],
+            "p99_ms": 1000 * q[98], "failed": len(failed), "failures": failed[:5], "generations": sorted(generations), "wall_s": wall}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", type=Path)
+    ap.add_argument("images", type=Path)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=160)
+    ap.add_argument("--batch", type=int, default=8, help="predict's batch size for the reference rate (default %(default)s)")
+    ap.add_argument("--max-batch", type=int, default=16, help="the service's --max-batch")
+    ap.add_argument("--add", help="DATASET:CLASS learned by add-task during the second load phase")
+    ap.add_argument("--root", help="root of the --add dataset")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    files = collect_images([args.images])
+    out: dict = {"threads": torch.get_num_threads(), "images": len(files)}
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "run" / "model"
+        shutil.copytree(args.model, model)
+        log("predict's batched rate ...")
+        out["predict_img_s"] = predict_rate(model, files, args.batch)
+        with Server(model, args.max_batch) as url:
+            log(f"{args.clients} clients, {args.requests} requests ...")
+            out["served"] = load(url, files, args.clients, args.requests)
+            if args.add:
+                log(f"the same while add-task learns {args.add} ...")
+                dataset = args.add.split(":", 1)[0]
+                adder = threading.Thread(target=run_add_task, args=(model, [args.add], {dataset: args.root} if args.root else {},
+                                                                     Path(tmp) / "add"), kwargs={"progress": False, "echo": log})
+                adder.start()
+                out["served_during_add_task"] = load(url, files, args.clients, args.requests)
+                adder.join()
+                out["served_after_add_task"] = load(url, files, args.clients, max(args.requests // 4, args.clients))
+    out["served_over_predict"] = out["served"]["img_s"] / out["predict_img_s"]
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"predict (batched, {args.batch} per call): {out['predict_img_s']:.2f} images/s; {out['threads']} threads")
+    print("| phase | clients | requests | images/s | p50 ms | p99 ms | failed | model generations |")
+    print("|---|---|---|---|---|---|---|---|")
+    for key in ("served", "served_during_add_task", "served_after_add_task"):
+        if key in out:
+            r = out[key]
+            print(f"| {key} | {r['clients']} | {r['requests']} | {r['img_s']:.2f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | "
+                  f"{r['failed']} | {r['generations']} |")
+    print(f"served / predict: {out['served_over_predict']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
