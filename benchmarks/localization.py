@@ -97,12 +97,16 @@ def fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.4f}"
 
 
+def rate(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f} %"
+
+
 def table(cells: list[dict], pc: dict[str, dict]) -> list[str]:
-    head = ["category", "task", "order"] + [f"{label} (PC)" for _, label in METRIC_COLUMNS]
+    head = ["category", "task", "order"] + [f"{label} (PC)" for _, label in METRIC_COLUMNS] + ["false alarms", "misses"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in cells:
         m, p = c["metrics"], pc[c["category"]]["metrics"]
-        vals = [f"{fmt(m[k])} ({fmt(p[k])})" for k in KEYS]
+        vals = [f"{fmt(m[k])} ({fmt(p[k])})" for k in KEYS] + [rate(c.get("false_alarm")), rate(c.get("miss"))]
         lines.append(f"| {c['category']} | {c['task']} | {c['order']} | " + " | ".join(vals) + " |")
     return lines
 
@@ -141,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             res = run["results"]  # RunResults
             for entry in res.steps[-1].per_task:
                 cells.append({"category": entry.classes[0], "task": entry.task, "order": " → ".join(order),
-                              "metrics": {k: entry.value(k) for k in KEYS}, "routing": entry.routing_accuracy})
+                              "metrics": {k: entry.value(k) for k in KEYS}, "routing": entry.routing_accuracy,
+                              "false_alarm": entry.false_alarm_rate, "miss": entry.miss_rate})
             runs.append({"order": order, "wall_s": run["wall_s"], "train_s_per_task": list(res.timings.train_s_per_task),
                          "forgetting": res.final.forgetting.to_json(), "routing_accuracy": res.final.routing_accuracy,
                          "final": {k: res.final.routed.get(k) for k in KEYS}})

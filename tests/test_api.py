@@ -83,3 +83,19 @@ def test_fit_needs_a_saved_model(tmp_path, striped_root):
     with pytest.raises(ConfigError, match="save_model"):
         Detector.fit(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml", tmp_path / "r",
                      [f"data.root={striped_root}", "output.save_model=false"])
+
+
+def test_reported_error_rates_are_the_verdicts_the_detector_gives(trained_model, striped_root):
+    """results.json's false-alarm and miss rates are what predict says about the same test images."""
+    import json
+
+    results = json.loads((trained_model.parent / "results.json").read_text())
+    det = Detector.load(trained_model)
+    train = results["steps"][-1]
+    for entry in train["per_task"]:
+        preds = det.predict(_test_images(striped_root, entry["classes"][0]))
+        good = [p.anomalous for p in preds if "/good/" in p.source]
+        bad = [p.anomalous for p in preds if "/good/" not in p.source]
+        assert entry["false_alarm_rate"] == pytest.approx(sum(good) / len(good))
+        assert entry["miss_rate"] == pytest.approx(1 - sum(bad) / len(bad))
+    assert all(s["train"]["n_calibration"] == 2 for s in results["steps"])  # 2 of the 10 training images held out

@@ -172,4 +172,5 @@ def test_skip_bad_lists_refused_files_and_goes_on(tmp_path, capsys):
     r = json.loads((tmp_path / "lenient/results.json").read_text())
     assert [Path(s["path"]).name for s in r["skipped_files"]] == ["999.png"]
     assert r["skipped_files"][0]["reason"]
-    assert r["steps"][0]["train"]["n_train"] == 10
+    train = r["steps"][0]["train"]
+    assert train["n_train"] + train["n_calibration"] == 10  # the readable images: trained on, or held out to calibrate

@@ -29,3 +29,37 @@ def test_summary_of_baselines_has_no_routing_and_uses_the_oracle_block():
     assert f.routing_accuracy is None
     assert f.oracle.get("image_auroc") == 0.9 and f.routed.get("image_auroc") == 0.6
     assert f.forgetting.get("image_auroc") == 0.0  # one step: nothing to forget
+
+
+def test_calibration_images_are_held_out_from_training():
+    import torch
+
+    from moleflow.continual.system import split_calibration
+    from moleflow.features.cache import FeatureSet
+
+    n = 23
+    fs = FeatureSet(torch.randn(n, 2, 2, 3), torch.randn(n, 6), torch.zeros(n, dtype=torch.long), None,
+                    [f"{i}.png" for i in range(n)], ["a"] * n)
+    fit, held = split_calibration(fs, 0.2, seed=5)
+    assert len(held) == 4 and len(fit) == 19
+    assert set(fit.paths).isdisjoint(held.paths) and set(fit.paths) | set(held.paths) == set(fs.paths)
+    assert split_calibration(fs, 0.2, seed=5)[1].paths == held.paths != split_calibration(fs, 0.2, seed=6)[1].paths
+    assert split_calibration(fs, 0.0, seed=5) == (fs, None)
+    small = fs.subset(torch.arange(4))
+    assert split_calibration(small, 0.2, seed=0) == (small, None)  # 0.8 image: calibrated on the training images
+
+
+def test_decision_rates_count_verdicts_against_each_images_own_task_threshold():
+    import torch
+
+    from moleflow.continual.evaluate import decision_rates
+    from moleflow.features.cache import FeatureSet
+    from moleflow.scoring import Scores
+
+    labels = torch.tensor([0, 0, 0, 0, 1, 1])
+    fs = FeatureSet(torch.zeros(6, 1, 1, 1), torch.zeros(6, 2), labels, None, [str(i) for i in range(6)], ["a"] * 6)
+    image = torch.tensor([1.0, 5.0, 1.0, 9.0, 2.0, 20.0])
+    tasks = torch.tensor([0, 0, 1, 1, 0, 1])  # task 0's threshold 4, task 1's 10
+    fa, miss = decision_rates(fs, Scores(tasks, image, torch.zeros(6, 1, 1), None), {0: 4.0, 1: 10.0})
+    assert fa == 0.25  # of 4 goods only 5.0 > 4 (task 0); 9.0 is under task 1's 10
+    assert miss == 0.5  # 2.0 <= 4 is missed, 20 > 10 is found

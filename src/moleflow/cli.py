@@ -249,10 +249,13 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(results, run_dir: Path, seconds: float | None) -> None:
-    from moleflow.results.tables import step_table
+    from moleflow.results.tables import decision_table, markdown_table, step_table
 
     print()
     print(step_table(results))
+    decisions = decision_table(results)
+    if decisions is not None:
+        print(f"\nDecisions at the shipped thresholds (routing on)\n\n{markdown_table(decisions)}")
     if seconds is not None:
         print(f"\ntook {seconds:.0f} s")
     print(f"run directory: {run_dir}")

@@ -127,8 +127,11 @@ class ScoringConfig:
     # +0.04 on transistor and kolektor, +0.016 on ELPV poly, same on mono and bottle (docs/localization.md).
     top_k: int = 50
     blur_sigma: float = 4.0
-    # A task's decision threshold: this quantile of its training images' scores.
+    # A task's decision threshold: this quantile of the scores of its calibration images: a share of its
+    # training images that the flow does not train on (so the threshold is not fitted to them). 0: calibrate
+    # on the training images themselves (optimistic; the notes'). Fewer than one held-out image: the same.
     threshold_quantile: float = 0.99
+    calibration_holdout: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -346,6 +349,7 @@ def validate(cfg: Config) -> None:
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (cfg.scoring.top_k >= 1, "scoring.top_k must be >= 1"),
         (0.0 < cfg.scoring.threshold_quantile <= 1.0, "scoring.threshold_quantile must lie in (0, 1]"),
+        (0.0 <= cfg.scoring.calibration_holdout < 1.0, "scoring.calibration_holdout must lie in [0, 1)"),
         (cfg.router.hybrid_top_k >= 2, "router.hybrid_top_k must be >= 2"),
         (cfg.router.shrinkage == -1.0 or 0.0 <= cfg.router.shrinkage <= 1.0, "router.shrinkage must be -1 (Ledoit-Wolf) or lie in [0, 1]"),
         (not cfg.train.ogp or cfg.method == "finetune",

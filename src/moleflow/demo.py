@@ -21,7 +21,7 @@ def demo_config_path() -> Path:
 
 def run_demo(run_dir: Path, add: Path | None, overrides: list[str], progress: bool = True) -> int:
     from moleflow.continual import jobs
-    from moleflow.results.tables import step_table
+    from moleflow.results.tables import decision_table, markdown_table, step_table
 
     if add is not None:
         add = Path(add)
@@ -42,6 +42,10 @@ def run_demo(run_dir: Path, add: Path | None, overrides: list[str], progress: bo
     if results.has_values("pixel_ap"):
         print()
         print(step_table(results, "pixel_ap"))
+    decisions = decision_table(results)
+    if decisions is not None:
+        print("\nDecisions at the shipped thresholds (routing on)\n")
+        print(markdown_table(decisions))
     print(f"\ndemo took {seconds / 60:.1f} min ({seconds:.0f} s)")
     print(f"run directory: {run_dir}")
     report = Path(run_dir) / "report.html"

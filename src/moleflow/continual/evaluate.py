@@ -35,9 +35,21 @@ def _per_class(features: FeatureSet, scores: Scores, whole: Metrics) -> dict[str
     return out
 
 
+def decision_rates(features: FeatureSet, scores: Scores, thresholds: dict[int, float]) -> tuple[float | None, float | None]:
+    """(false-alarm rate on the good images, miss rate on the defective ones) of the verdict
+    score > threshold of the task each image was scored under; None where there are no such images."""
+    thr = torch.tensor([thresholds[int(t)] for t in scores.tasks], dtype=scores.image.dtype)
+    called = scores.image > thr
+    good, bad = features.labels == 0, features.labels == 1
+    false_alarm = float(called[good].float().mean()) if good.any() else None
+    miss = float((~called[bad]).float().mean()) if bad.any() else None
+    return false_alarm, miss
+
+
 def evaluate_task(scorer: Scorer, features: FeatureSet, task: int, classes: list[str],
-                  single_model_task: int | None = None) -> tuple[TaskEval, Scores]:
+                  single_model_task: int | None = None, thresholds: dict[int, float] | None = None) -> tuple[TaskEval, Scores]:
     """Metrics of one task's test set with routing and with the oracle; returns the routed scores too.
+    With `thresholds` (model task -> decision threshold), also the shipped decision's error rates.
 
     `single_model_task`: the baselines (`finetune`, `joint`) have one set of modules for every task;
     all images are scored under it and routing accuracy is not applicable (None).
@@ -59,10 +71,11 @@ def evaluate_task(scorer: Scorer, features: FeatureSet, task: int, classes: list
         # Same task for every image: the scores are the oracle's, bit for bit.
         routed = oracle if bool(correct.all()) else scorer.score_features(features, routed_tasks)
     routed_metrics = _metrics(features, routed)
+    false_alarm, miss = decision_rates(features, routed, thresholds) if thresholds is not None else (None, None)
     result = TaskEval(
         task=task, classes=tuple(classes), routed=routed_metrics, routing_accuracy=accuracy,
         oracle=routed_metrics if routed is oracle else _metrics(features, oracle),
         per_class=_per_class(features, routed, routed_metrics),
-        n_test=len(features), n_defective=int(features.labels.sum()),
+        n_test=len(features), n_defective=int(features.labels.sum()), false_alarm_rate=false_alarm, miss_rate=miss,
     )
     return result, routed

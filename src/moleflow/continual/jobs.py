@@ -72,11 +72,12 @@ def evaluate_seen(
     """Evaluate every scenario task in `test_sets` (routing on, and oracle); `names` are their classes."""
     per_task, scores = [], {}
     scorer = system.scorer
+    thresholds = {r.index: r.threshold for r in system.tasks}
     for t, fs in sorted(test_sets.items()):
         if fs is None:
             per_task.append(TaskEval(t, tuple(names[t]), skipped="test data not available"))
             continue
-        res, scores[t] = evaluate_task(scorer, fs, t, names[t], single_model_task)
+        res, scores[t] = evaluate_task(scorer, fs, t, names[t], single_model_task, thresholds)
         per_task.append(res)
     return tuple(per_task), scores
 

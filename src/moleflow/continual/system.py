@@ -85,15 +85,28 @@ def calibrate_threshold(system: System, task: int, train: FeatureSet) -> tuple[f
     return threshold, float(np.quantile(s.patch.numpy(), 0.01))
 
 
+def split_calibration(train: FeatureSet, share: float, seed: int) -> tuple[FeatureSet, FeatureSet | None]:
+    """(images the flow trains on, held-out calibration images or None): a seeded random `share`,
+    at least one image, and at least one left to train on; None when the share rounds to no image."""
+    n_hold = int(share * len(train))
+    if n_hold < 1 or n_hold >= len(train):
+        return train, None
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    return train.subset(order[n_hold:].sort().values), train.subset(order[:n_hold].sort().values)
+
+
 def _train(system: System, t: int, specs: list[str], train: FeatureSet, progress: bool) -> tuple[TaskRecord, TrainLog]:
-    """Train model task t on `train`, update the OGP memory, calibrate: the task's record and its log."""
-    log = fit_task(system.model, t, train, system.cfg.train, system.cfg.loss, system.device, progress=progress,
+    """Train model task t on `train` minus its calibration share, update the OGP memory, calibrate the
+    threshold on the held-out images (or, without any, on the training images): the record and its log."""
+    fit_part, held_out = split_calibration(train, system.cfg.scoring.calibration_holdout, system.cfg.train.seed * 1000 + t)
+    log = fit_task(system.model, t, fit_part, system.cfg.train, system.cfg.loss, system.device, progress=progress,
                    memory=system.memory)
     if system.memory is not None:
-        remember_gradients(system, t, train)
-    threshold, map_low = calibrate_threshold(system, t, train)
+        remember_gradients(system, t, fit_part)
+    threshold, map_low = calibrate_threshold(system, t, held_out if held_out is not None else fit_part)
     info = TrainLog(
-        epoch_loss=tuple(log.epoch_loss), seconds=log.seconds, steps=log.steps, n_train=len(train),
+        epoch_loss=tuple(log.epoch_loss), seconds=log.seconds, steps=log.steps, n_train=len(fit_part),
+        n_calibration=len(held_out) if held_out is not None else None,
         ogp_directions=sum(system.memory.rank().values()) if system.memory is not None else None,  # stored so far
         grad_norms=tuple(log.grad_norms) if log.grad_norms else None,  # per epoch, per coupling block
     )

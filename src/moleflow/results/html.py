@@ -14,7 +14,7 @@ from pathlib import Path
 
 from moleflow.atomic import atomic_write_text
 from moleflow.results.schema import METRICS, RunResults, get_metric
-from moleflow.results.tables import Table, final_table, forgetting_line, metric_table
+from moleflow.results.tables import Table, decision_table, final_table, forgetting_line, metric_table
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1100px;
@@ -121,6 +121,11 @@ def _metric_sections(results: RunResults) -> list[str]:
     body = ["<h2>Final (after the last task, routing on)</h2>", html_table(final_table(results))]
     if results.final is not None:
         body.append(f"<p>{html.escape(forgetting_line(results))}</p>")
+    decisions = decision_table(results)
+    if decisions is not None:
+        body += ["<h2>Decisions at the shipped thresholds (routing on)</h2>", html_table(decisions),
+                 "<p class=\"note\">Each task's threshold is a high quantile of the scores of training images its flow "
+                 "did not train on (scoring.calibration_holdout).</p>"]
     for m in METRICS:
         if results.has_values(m.key):
             body += [f"<h2>{html.escape(m.label)} per step</h2>", html_table(metric_table(results, m.key))]

@@ -2,7 +2,9 @@
 
 Layout of results.json, keys in the order written (`RunResults.to_json`):
 
-    format_version  1; files written before the field existed are version 1 too
+    format_version  2 (adds each task's false-alarm and miss rates at its threshold, and the number of
+                    held-out calibration images); versions 1 and 2 are read; files written before the
+                    field existed are version 1
     method          "moleflow" | "finetune" | "joint"; absent in `add-task` (without an earlier
                     results.json) and `evaluate` runs
     tasks           class names per task: [["bottle"], ["grid"]]
@@ -13,7 +15,7 @@ Layout of results.json, keys in the order written (`RunResults.to_json`):
     final           `Final`: means of the last step, forgetting, the matrices R[t][j]
     skipped_files   only when data.skip_bad left images out: [{"path", "reason"}]
 
-Reading is strict: a missing or unknown key, or a format_version other than 1, raises
+Reading is strict: a missing or unknown key, or a format_version this moleflow does not know, raises
 `ResultsFormatError` (a ValueError) naming the place, so nothing is dropped silently when results are
 read and written again. A new key therefore needs a field here first.
 """
@@ -26,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what this moleflow writes
+READABLE_VERSIONS = (1, 2)  # what it reads (version 1 lacks the optional fields of version 2)
 FORMAT_KEY = "format_version"
 
 
@@ -93,13 +96,14 @@ def _nested(data: Any, where: str) -> tuple[tuple, ...]:
 
 def check_format_version(data: Mapping, where: str = "results.json") -> int:
     """The format version of a results mapping (1 when the field is absent); any other is refused."""
-    version = data.get(FORMAT_KEY, FORMAT_VERSION)
+    version = data.get(FORMAT_KEY, 1)
     if isinstance(version, bool) or not isinstance(version, int):
         raise ResultsFormatError(f"{where}: {FORMAT_KEY} must be an integer, got {version!r}")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         hint = "written by a newer moleflow; update moleflow to read it" if version > FORMAT_VERSION else "not a known version"
+        known = " and ".join(map(str, READABLE_VERSIONS))
         raise ResultsFormatError(f"{where}: {FORMAT_KEY} {version} cannot be read: this moleflow reads "
-                                 f"{FORMAT_KEY} {FORMAT_VERSION} (or files without the field), and {version} is {hint}")
+                                 f"{FORMAT_KEY} {known} (or files without the field), and {version} is {hint}")
     return version
 
 
@@ -137,6 +141,7 @@ class Metrics:
 
 
 _EVALUATED_KEYS = ("task", *METRIC_KEYS, "routing_accuracy", "oracle", "per_class", "n_test", "n_defective", "classes")
+_DECISION_KEYS = ("false_alarm_rate", "miss_rate")  # format_version 2; absent in version 1 files
 _SKIPPED_KEYS = ("task", "classes", "skipped")
 
 
@@ -154,6 +159,10 @@ class TaskEval:
     per_class: Mapping[str, Metrics] | None = None  # routing on, per class of the task
     n_test: int | None = None
     n_defective: int | None = None
+    # The shipped decision (score > the routed task's threshold) on the test images: share of good ones
+    # called defective, share of defective ones called good (None: no such images, or a version 1 file).
+    false_alarm_rate: float | None = None
+    miss_rate: float | None = None
 
     def __post_init__(self) -> None:
         parts = {"routed": self.routed, "oracle": self.oracle, "per_class": self.per_class,
@@ -178,14 +187,15 @@ class TaskEval:
             return {"task": self.task, "classes": list(self.classes), "skipped": self.skipped}
         return {"task": self.task, **self.routed.to_json(), "routing_accuracy": self.routing_accuracy,
                 "oracle": self.oracle.to_json(), "per_class": {c: m.to_json() for c, m in self.per_class.items()},
-                "n_test": self.n_test, "n_defective": self.n_defective, "classes": list(self.classes)}
+                "n_test": self.n_test, "n_defective": self.n_defective,
+                **{k: getattr(self, k) for k in _DECISION_KEYS if getattr(self, k) is not None}, "classes": list(self.classes)}
 
     @classmethod
     def from_json(cls, data: Any, where: str = "task") -> TaskEval:
         if isinstance(data, dict) and "skipped" in data:
             d = _mapping(data, where, _SKIPPED_KEYS)
             return cls(d["task"], _seq(d["classes"], f"{where}.classes"), skipped=d["skipped"])
-        d = _mapping(data, where, _EVALUATED_KEYS)
+        d = _mapping(data, where, _EVALUATED_KEYS, _DECISION_KEYS)
         per_class = d["per_class"]
         if not isinstance(per_class, dict):
             raise ResultsFormatError(f"{where}.per_class: expected a mapping, got {type(per_class).__name__}")
@@ -194,7 +204,7 @@ class TaskEval:
             routed=Metrics(tuple(d[k] for k in METRIC_KEYS)), routing_accuracy=d["routing_accuracy"],
             oracle=Metrics.from_json(d["oracle"], f"{where}.oracle"),
             per_class={c: Metrics.from_json(m, f"{where}.per_class.{c}") for c, m in per_class.items()},
-            n_test=d["n_test"], n_defective=d["n_defective"],
+            n_test=d["n_test"], n_defective=d["n_defective"], **{k: d[k] for k in _DECISION_KEYS if k in d},
         )
 
 
@@ -205,7 +215,8 @@ class TrainLog:
     epoch_loss: tuple[float, ...] | None = None  # mean loss per epoch
     seconds: float | None = None
     steps: int | None = None  # optimiser steps
-    n_train: int | None = None  # training images
+    n_train: int | None = None  # images the flow trained on
+    n_calibration: int | None = None  # held-out training images the threshold was calibrated on (version 2)
     ogp_directions: int | None = None  # OGP memory size after the task (finetune with train.ogp)
     grad_norms: tuple[dict[str, float], ...] | None = None  # per epoch, per coupling block (train.record_grad_norms)
 

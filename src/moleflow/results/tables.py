@@ -82,6 +82,20 @@ def final_table(results: RunResults) -> Table:
     return Table(header, rows, footer)
 
 
+def _rate(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f} %"
+
+
+def decision_table(results: RunResults) -> Table | None:
+    """Per task after the last step, the shipped verdict (score > threshold, routing on) on its test images:
+    good ones called defective (false alarms) and defective ones called good (misses). None without rates."""
+    last = [e for e in results.steps[-1].per_task if e.evaluated] if results.steps else []
+    if not any(e.false_alarm_rate is not None or e.miss_rate is not None for e in last):
+        return None
+    rows = [[str(e.task), "+".join(e.classes), _rate(e.false_alarm_rate), _rate(e.miss_rate)] for e in last]
+    return Table(["Task", "Classes", "False alarms (good called defective)", "Misses (defective called good)"], rows)
+
+
 def forgetting_line(results: RunResults) -> str:
     forg = results.final.forgetting if results.final is not None else Metrics()
     return ("Forgetting (best earlier − final, mean over earlier tasks): "
@@ -92,6 +106,9 @@ def results_markdown(results: RunResults) -> str:
     """results.md: the final table, forgetting, a per-step table per metric the data has, timings."""
     parts = ["# Results", "", "## Final (after the last task, routing on)", "", markdown_table(final_table(results)), ""]
     parts += [forgetting_line(results), ""]
+    decisions = decision_table(results)
+    if decisions is not None:
+        parts += ["## Decisions at the shipped thresholds (routing on)", "", markdown_table(decisions), ""]
     for m in METRICS:
         if results.has_values(m.key):
             parts += [f"## {m.label} per step", "", markdown_table(metric_table(results, m.key)), ""]
