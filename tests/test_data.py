@@ -417,6 +417,29 @@ def test_folder_loader_with_and_without_masks(tmp_path: Path) -> None:
     assert str(root / "widget/train/ok") in str(err.value)
 
 
+def test_folder_layout_with_several_defect_folders_and_a_parallel_mask_tree(tmp_path: Path) -> None:
+    root = tmp_path / "parts"
+    rng = np.random.default_rng(1)
+    img = lambda: rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)  # noqa: E731
+    save(root / "widget/train/good/a.png", img())
+    save(root / "widget/test/good/ok.png", img())
+    m = np.zeros((16, 16), np.uint8)
+    m[2:6, 2:6] = 255
+    for kind, names in {"scratch": ("s1.png", "s2.png"), "dent/deep": ("d1.png",)}.items():
+        for n in names:
+            save(root / "widget/test/defect" / kind / n, img())
+            save(root / "widget/ground_truth" / kind / n.replace(".png", "_mask.png"), m)
+    test = build_dataset(cfg_for(root, dataset="folder", image_size=16, folder_masks="ground_truth"), "widget", "test")
+    by_name = {s.path.name: (s.label, test[i]["mask"]) for i, s in enumerate(test.samples)}
+    assert sorted(by_name) == ["d1.png", "ok.png", "s1.png", "s2.png"]
+    assert [by_name[n][0] for n in ("d1.png", "s1.png", "s2.png", "ok.png")] == [1, 1, 1, 0]
+    assert all(by_name[n][1].sum() == 16 for n in ("d1.png", "s1.png", "s2.png"))
+    (root / "widget/ground_truth/dent/deep/d1_mask.png").unlink()
+    with pytest.raises(DatasetError, match="no mask") as err:
+        build_dataset(cfg_for(root, dataset="folder", image_size=16, folder_masks="ground_truth"), "widget", "test")
+    assert str(root / "widget/ground_truth/dent/deep") in str(err.value)
+
+
 # --------------------------------------------------------------------------- ELPV
 
 

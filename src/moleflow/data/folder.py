@@ -1,8 +1,10 @@
 """Generic folders: ROOT/CLASS/<train>, ROOT/CLASS/<test_good>, ROOT/CLASS/<test_defect>, optional masks.
 
 The sub-folder names come from the config (data.folder_train, folder_test_good, folder_test_defect,
-folder_masks). With data.folder_masks set, every defect image needs a mask in that folder with its stem
-(STEM.EXT or STEM_mask.EXT, any image extension); with it empty the test split has no masks.
+folder_masks). The defect folder may hold its images directly or in sub-folders, one per defect type
+(test/defect/scratch, test/defect/dent, …, at any depth). With data.folder_masks set, the masks lie in a
+parallel tree (ground_truth/scratch/…): every defect image needs a mask at the same relative place with
+its stem (STEM.EXT or STEM_mask.EXT, any image extension); with it empty the test split has no masks.
 """
 from __future__ import annotations
 
@@ -45,7 +47,9 @@ def folder_samples(
     defect_dir = _sub(class_dir, test_defect, "folder_test_defect")
     samples = [Sample(p, 0, None, class_name, dataset) for p in list_images(good_dir)]
     mask_dir = _sub(class_dir, masks, "folder_masks") if masks.strip() else None
-    samples += defect_samples(defect_dir, mask_dir, class_name, dataset)
+    for folder in [defect_dir, *sorted(p for p in defect_dir.rglob("*") if p.is_dir())]:  # one per defect type
+        rel = folder.relative_to(defect_dir)
+        samples += defect_samples(folder, None if mask_dir is None else mask_dir / rel, class_name, dataset)
     if not samples:
         raise DatasetError(f"no test images in {good_dir} or {defect_dir}")
     return sorted(samples, key=lambda s: s.path)
