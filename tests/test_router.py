@@ -131,3 +131,20 @@ def test_fixed_shrinkage_and_likelihood_rule():
     d = r_lik.distances(probe)[0]
     assert float(d[0]) < float(d[1]) < float(d[0]) + r_lik.prototypes[0].log_det - r_lik.prototypes[1].log_det
     assert int(r_dist.route(probe)[0]) == 0 and int(r_lik.route(probe)[0]) == 1
+
+
+def test_held_out_calibration_of_the_unknown_answer():
+    """Calibrated on images its prototype did not see, the unknown threshold lets fresh images of the
+    product through (in-sample distances are smaller than a new image's) and still refuses another product."""
+    g = torch.Generator().manual_seed(0)
+    d, n = 16, 40
+    train, fresh = torch.randn(n, d, generator=g), torch.randn(2000, d, generator=g)
+    other = torch.randn(500, d, generator=g) + 4.0
+    insample, honest = TaskRouter(RouterConfig(unknown=True)), TaskRouter(RouterConfig(unknown=True))
+    insample.add_task(0, desc(train, train))
+    honest.add_task(0, desc(train, train), held_out=torch.arange(0, n, 5))
+    assert honest.prototypes[0].threshold > insample.prototypes[0].threshold
+    torch.testing.assert_close(honest.prototypes[0].mean, insample.prototypes[0].mean)  # routing itself unchanged
+    unknown = lambda r, x: float((r.route(desc(x, x)) == UNKNOWN).float().mean())  # noqa: E731
+    assert unknown(honest, fresh) <= 0.02 and unknown(honest, fresh) <= unknown(insample, fresh)
+    assert unknown(honest, other) >= 0.95

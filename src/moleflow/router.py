@@ -15,6 +15,7 @@ image (docs/localization.md, routing).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,6 +25,7 @@ from sklearn.covariance import LedoitWolf
 
 from moleflow.config import RouterConfig
 
+UNKNOWN_MARGIN = 1.5  # the unknown threshold: this times the quantile of the calibration distances
 UNKNOWN = -1  # the routed task of an image no learned task explains (router.unknown = true)
 
 
@@ -81,8 +83,9 @@ def fit_prototype(descriptors: torch.Tensor, quantile: float = 0.99, shrinkage: 
     _, log_det = np.linalg.slogdet(cov)  # cov is positive definite: the sign is +1
     mean_t, precision = torch.from_numpy(np.asarray(mean)), torch.from_numpy(np.linalg.inv(cov))
     dist = _sq_mahalanobis(torch.from_numpy(x), mean_t, precision)
-    # In-sample distances are optimistic, so the unknown threshold is a high quantile with a margin.
-    threshold = float(np.quantile(dist.numpy(), quantile)) * 1.5
+    # In-sample distances are optimistic, so the unknown threshold is a high quantile with a margin
+    # (TaskRouter.add_task replaces it by an out-of-sample one when it has held-out images).
+    threshold = float(np.quantile(dist.numpy(), quantile)) * UNKNOWN_MARGIN
     return Prototype(mean_t, precision, threshold, float(log_det))
 
 
@@ -106,11 +109,21 @@ class TaskRouter:
     def num_tasks(self) -> int:
         return len(self.prototypes)
 
-    def add_task(self, task: int, descriptors: torch.Tensor) -> None:
+    def add_task(self, task: int, descriptors: torch.Tensor, held_out: torch.Tensor | None = None) -> None:
+        """The task's prototype from its training descriptors (N, 2C). With `held_out` (indices of rows),
+        the unknown threshold is calibrated out of sample: on those rows' distances to a prototype
+        fitted without them (in-sample distances are smaller than a new image's)."""
         if task in self.prototypes:
             raise ValueError(f"the router already has task {task}")
-        self.prototypes[task] = fit_prototype(select_descriptor(descriptors, self.cfg.descriptor), self.cfg.unknown_quantile,
-                                              self.cfg.shrinkage)
+        x = select_descriptor(descriptors, self.cfg.descriptor)
+        proto = fit_prototype(x, self.cfg.unknown_quantile, self.cfg.shrinkage)
+        if held_out is not None and len(held_out) > 0:
+            keep = torch.ones(len(x), dtype=torch.bool)
+            keep[held_out] = False
+            fold = fit_prototype(x[keep], self.cfg.unknown_quantile, self.cfg.shrinkage)
+            dist = _sq_mahalanobis(x[held_out], fold.mean, fold.precision)
+            proto = dataclasses.replace(proto, threshold=float(np.quantile(dist.numpy(), self.cfg.unknown_quantile)) * UNKNOWN_MARGIN)
+        self.prototypes[task] = proto
 
     def set_prototype(self, task: int, proto: Prototype) -> None:
         self.prototypes[task] = proto

@@ -85,20 +85,33 @@ def calibrate_threshold(system: System, task: int, train: FeatureSet) -> tuple[f
     return threshold, float(np.quantile(s.patch.numpy(), 0.01))
 
 
+def calibration_index(n: int, share: float, seed: int) -> torch.Tensor | None:
+    """Sorted indices of the held-out calibration images among n training images: a seeded random
+    `share`, at least one image and at least one left to train on; None when the share rounds to none."""
+    n_hold = int(share * n)
+    if n_hold < 1 or n_hold >= n:
+        return None
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:n_hold].sort().values
+
+
 def split_calibration(train: FeatureSet, share: float, seed: int) -> tuple[FeatureSet, FeatureSet | None]:
-    """(images the flow trains on, held-out calibration images or None): a seeded random `share`,
-    at least one image, and at least one left to train on; None when the share rounds to no image."""
-    n_hold = int(share * len(train))
-    if n_hold < 1 or n_hold >= len(train):
+    """(images the flow trains on, held-out calibration images or None), by `calibration_index`."""
+    held = calibration_index(len(train), share, seed)
+    if held is None:
         return train, None
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
-    return train.subset(order[n_hold:].sort().values), train.subset(order[:n_hold].sort().values)
+    keep = torch.ones(len(train), dtype=torch.bool)
+    keep[held] = False
+    return train.subset(keep.nonzero().squeeze(1)), train.subset(held)
+
+
+def _calibration_seed(system: System, t: int) -> int:
+    return system.cfg.train.seed * 1000 + t
 
 
 def _train(system: System, t: int, specs: list[str], train: FeatureSet, progress: bool) -> tuple[TaskRecord, TrainLog]:
     """Train model task t on `train` minus its calibration share, update the OGP memory, calibrate the
     threshold on the held-out images (or, without any, on the training images): the record and its log."""
-    fit_part, held_out = split_calibration(train, system.cfg.scoring.calibration_holdout, system.cfg.train.seed * 1000 + t)
+    fit_part, held_out = split_calibration(train, system.cfg.scoring.calibration_holdout, _calibration_seed(system, t))
     log = fit_task(system.model, t, fit_part, system.cfg.train, system.cfg.loss, system.device, progress=progress,
                    memory=system.memory)
     if system.memory is not None:
@@ -118,7 +131,8 @@ def learn_new_task(system: System, specs: list[str], train: FeatureSet, progress
     t = len(system.tasks)
     seed_everything(system.cfg.train.seed + step)
     system.model.add_task(t)
-    system.router.add_task(t, train.descriptors)
+    held = calibration_index(len(train), system.cfg.scoring.calibration_holdout, _calibration_seed(system, t))
+    system.router.add_task(t, train.descriptors, held_out=held)  # the same images calibrate the unknown answer
     try:
         record, info = _train(system, t, specs, train, progress)
     except BaseException:
