@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             ds = build_dataset(cfg.data, spec, split)
         else:
             folder = Path(spec)
-            ds = build_dataset(dataclasses.replace(cfg.data, root=str(folder.parent)), folder.name, split)
+            ds = build_dataset(dataclasses.replace(cfg.data, root=str(folder.parent), roots={}), folder.name, split)
         return extract_features(extractor, ds, batch_size=cfg.backbone.batch_size, cache_dir=args.cache, progress=False)
 
     router = TaskRouter(cfg.router)

@@ -140,7 +140,8 @@ def test_held_out_calibration_of_the_unknown_answer():
     d, n = 16, 40
     train, fresh = torch.randn(n, d, generator=g), torch.randn(2000, d, generator=g)
     other = torch.randn(500, d, generator=g) + 4.0
-    insample, honest = TaskRouter(RouterConfig(unknown=True)), TaskRouter(RouterConfig(unknown=True))
+    rule = RouterConfig(unknown=True, unknown_margin=1.5)
+    insample, honest = TaskRouter(rule), TaskRouter(rule)
     insample.add_task(0, desc(train, train))
     honest.add_task(0, desc(train, train), held_out=torch.arange(0, n, 5))
     assert honest.prototypes[0].threshold > insample.prototypes[0].threshold

@@ -140,6 +140,10 @@ class RouterConfig:
     hybrid_top_k: int = 2
     unknown: bool = False  # answer "unknown" beyond the per-task distance threshold
     unknown_quantile: float = 0.99
+    # Unknown beyond this times the quantile of the calibration images' distances. Defective images of a
+    # learned product lie up to ~6× beyond it on bottle, transistor and ELPV, an unlearned product
+    # (KolektorSDD) ≥ 7.6× (docs/localization.md): 10 keeps defects in, chosen on those products.
+    unknown_margin: float = 10.0
     calibrated: bool = False  # compare tasks in units of each task's own distance threshold
     # The descriptor's statistic over the patches: "log_rms" (texture; robust to defects) or "mean" (the notes').
     descriptor: Literal["mean", "log_rms"] = "log_rms"
@@ -351,6 +355,7 @@ def validate(cfg: Config) -> None:
         (0.0 < cfg.scoring.threshold_quantile <= 1.0, "scoring.threshold_quantile must lie in (0, 1]"),
         (0.0 <= cfg.scoring.calibration_holdout < 1.0, "scoring.calibration_holdout must lie in [0, 1)"),
         (cfg.router.hybrid_top_k >= 2, "router.hybrid_top_k must be >= 2"),
+        (cfg.router.unknown_margin > 0, "router.unknown_margin must be > 0"),
         (cfg.router.shrinkage == -1.0 or 0.0 <= cfg.router.shrinkage <= 1.0, "router.shrinkage must be -1 (Ledoit-Wolf) or lie in [0, 1]"),
         (not cfg.train.ogp or cfg.method == "finetune",
          "train.ogp needs method: finetune (with moleflow no earlier task's weight ever trains again); set method=finetune or train.ogp=false"),

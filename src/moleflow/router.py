@@ -25,7 +25,6 @@ from sklearn.covariance import LedoitWolf
 
 from moleflow.config import RouterConfig
 
-UNKNOWN_MARGIN = 1.5  # the unknown threshold: this times the quantile of the calibration distances
 UNKNOWN = -1  # the routed task of an image no learned task explains (router.unknown = true)
 
 
@@ -63,7 +62,7 @@ class Prototype:
         )
 
 
-def fit_prototype(descriptors: torch.Tensor, quantile: float = 0.99, shrinkage: float = -1.0) -> Prototype:
+def fit_prototype(descriptors: torch.Tensor, quantile: float = 0.99, shrinkage: float = -1.0, margin: float = 1.5) -> Prototype:
     """Mean and shrinkage precision of a task's training descriptors (N, D).
 
     `shrinkage` < 0: Ledoit-Wolf's data-chosen intensity (the notes'); λ in [0, 1]: (1 − λ)·S + λ·(tr S / D)·I.
@@ -85,7 +84,7 @@ def fit_prototype(descriptors: torch.Tensor, quantile: float = 0.99, shrinkage: 
     dist = _sq_mahalanobis(torch.from_numpy(x), mean_t, precision)
     # In-sample distances are optimistic, so the unknown threshold is a high quantile with a margin
     # (TaskRouter.add_task replaces it by an out-of-sample one when it has held-out images).
-    threshold = float(np.quantile(dist.numpy(), quantile)) * UNKNOWN_MARGIN
+    threshold = float(np.quantile(dist.numpy(), quantile)) * margin
     return Prototype(mean_t, precision, threshold, float(log_det))
 
 
@@ -116,13 +115,14 @@ class TaskRouter:
         if task in self.prototypes:
             raise ValueError(f"the router already has task {task}")
         x = select_descriptor(descriptors, self.cfg.descriptor)
-        proto = fit_prototype(x, self.cfg.unknown_quantile, self.cfg.shrinkage)
+        proto = fit_prototype(x, self.cfg.unknown_quantile, self.cfg.shrinkage, self.cfg.unknown_margin)
         if held_out is not None and len(held_out) > 0:
             keep = torch.ones(len(x), dtype=torch.bool)
             keep[held_out] = False
             fold = fit_prototype(x[keep], self.cfg.unknown_quantile, self.cfg.shrinkage)
             dist = _sq_mahalanobis(x[held_out], fold.mean, fold.precision)
-            proto = dataclasses.replace(proto, threshold=float(np.quantile(dist.numpy(), self.cfg.unknown_quantile)) * UNKNOWN_MARGIN)
+            threshold = float(np.quantile(dist.numpy(), self.cfg.unknown_quantile)) * self.cfg.unknown_margin
+            proto = dataclasses.replace(proto, threshold=threshold)
         self.prototypes[task] = proto
 
     def set_prototype(self, task: int, proto: Prototype) -> None:
