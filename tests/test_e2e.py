@@ -14,18 +14,9 @@ from helpers import CONFIGS, write_striped_class
 from moleflow.cli import main
 
 @pytest.fixture(scope="module")
-def two_class_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    write_striped_class(root, "bottle", (200, 60, 40), seed=1)
-    write_striped_class(root, "grid", (40, 90, 210), seed=2)
-    write_striped_class(root, "screw", (60, 200, 60), seed=3)
-    return root
-
-
-@pytest.fixture(scope="module")
-def fitted(two_class_root, tmp_path_factory):
+def fitted(striped_root, tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
-    code = main(["--quiet", "fit", str(CONFIGS / "smoke.yaml"), f"data.root={two_class_root}",
+    code = main(["--quiet", "fit", str(CONFIGS / "smoke.yaml"), f"data.root={striped_root}",
                  "scenario.tasks=[[bottle],[grid]]", "--out", str(run)])
     assert code == 0
     return run
@@ -58,7 +49,7 @@ def test_routing_and_zero_forgetting(fitted):
     assert r["final"]["forgetting"]["image_auroc"] == 0.0
 
 
-def test_saved_model_reloads_to_the_same_scores(fitted, two_class_root, tmp_path):
+def test_saved_model_reloads_to_the_same_scores(fitted, striped_root, tmp_path):
     code = main(["--quiet", "evaluate", str(fitted / "model"), "--out", str(tmp_path)])
     assert code == 0
     again = json.loads((tmp_path / "results.json").read_text())["steps"][-1]["per_task"]
@@ -68,14 +59,14 @@ def test_saved_model_reloads_to_the_same_scores(fitted, two_class_root, tmp_path
             assert a[k] == pytest.approx(b[k], abs=1e-9), k
 
 
-def test_add_task_keeps_old_task_files_and_metrics(fitted, two_class_root, tmp_path):
+def test_add_task_keeps_old_task_files_and_metrics(fitted, striped_root, tmp_path):
     import shutil
 
     run = tmp_path / "run"
     shutil.copytree(fitted, run)
     model = run / "model"
     before = {p.name: p.read_bytes() for p in model.glob("*.safetensors")}
-    code = main(["--quiet", "add-task", str(model), "--dataset", "mvtec", "--root", str(two_class_root), "--classes", "screw"])
+    code = main(["--quiet", "add-task", str(model), "--dataset", "mvtec", "--root", str(striped_root), "--classes", "screw"])
     assert code == 0
     for name, data in before.items():
         assert (model / name).read_bytes() == data, name
@@ -90,8 +81,8 @@ def test_add_task_keeps_old_task_files_and_metrics(fitted, two_class_root, tmp_p
             assert new[j][k] == old[j][k]
 
 
-def test_predict_writes_json_lines_and_maps(fitted, two_class_root, tmp_path):
-    imgs = sorted((two_class_root / "grid/test/hole").glob("*.png"))[:2] + sorted((two_class_root / "bottle/test/good").glob("*.png"))[:1]
+def test_predict_writes_json_lines_and_maps(fitted, striped_root, tmp_path):
+    imgs = sorted((striped_root / "grid/test/hole").glob("*.png"))[:2] + sorted((striped_root / "bottle/test/good").glob("*.png"))[:1]
     code = main(["--quiet", "predict", str(fitted / "model"), *map(str, imgs), "--out", str(tmp_path)])
     assert code == 0
     lines = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
@@ -101,11 +92,11 @@ def test_predict_writes_json_lines_and_maps(fitted, two_class_root, tmp_path):
         assert (tmp_path / x["map"]).is_file() and (tmp_path / x["overlay"]).is_file()
 
 
-def test_user_errors_are_one_line(tmp_path, capsys, two_class_root):
+def test_user_errors_are_one_line(tmp_path, capsys, striped_root):
     cases = [
         ["evaluate", str(tmp_path)],  # not a model directory
         ["fit", str(CONFIGS / "smoke.yaml"), "train.lrr=1"],  # unknown key
-        ["fit", str(CONFIGS / "smoke.yaml"), "scenario.tasks=[[nosuchclass]]", f"data.root={two_class_root}", "--out", str(tmp_path / "r")],
+        ["fit", str(CONFIGS / "smoke.yaml"), "scenario.tasks=[[nosuchclass]]", f"data.root={striped_root}", "--out", str(tmp_path / "r")],
         ["fit", str(CONFIGS / "smoke.yaml"), "scenario.tasks=[[bottle]]", "data.root=/nonexistent", "--out", str(tmp_path / "r2")],
     ]
     for argv in cases:
@@ -115,8 +106,8 @@ def test_user_errors_are_one_line(tmp_path, capsys, two_class_root):
 
 
 @pytest.mark.parametrize("method", ["finetune", "joint"])
-def test_baselines_use_the_same_protocol(method, two_class_root, tmp_path):
-    code = main(["--quiet", "fit", str(CONFIGS / "smoke.yaml"), f"data.root={two_class_root}", f"method={method}",
+def test_baselines_use_the_same_protocol(method, striped_root, tmp_path):
+    code = main(["--quiet", "fit", str(CONFIGS / "smoke.yaml"), f"data.root={striped_root}", f"method={method}",
                  "scenario.tasks=[[bottle],[grid]]", "--out", str(tmp_path)])
     assert code == 0
     r = json.loads((tmp_path / "results.json").read_text())
@@ -129,10 +120,10 @@ def test_baselines_use_the_same_protocol(method, two_class_root, tmp_path):
     manifest = json.loads((tmp_path / "model/manifest.json").read_text())
     assert len(manifest["tasks"]) == 1 and manifest["tasks"][0]["classes"] == ["bottle", "grid"]
     # add-task is a continual operation: a baseline model refuses it with a one-line error
-    assert main(["--quiet", "add-task", str(tmp_path / "model"), "--dataset", "mvtec", "--root", str(two_class_root), "--classes", "screw"]) == 2
+    assert main(["--quiet", "add-task", str(tmp_path / "model"), "--dataset", "mvtec", "--root", str(striped_root), "--classes", "screw"]) == 2
 
 
-def test_readers_never_see_a_mix_while_a_task_is_added(fitted, two_class_root, tmp_path):
+def test_readers_never_see_a_mix_while_a_task_is_added(fitted, striped_root, tmp_path):
     """add-task in another process while this one keeps loading the model: each load sees the model
     before or after the new task (every file listed verifies), never a half-written state."""
     import shutil
@@ -145,7 +136,7 @@ def test_readers_never_see_a_mix_while_a_task_is_added(fitted, two_class_root, t
     shutil.copytree(fitted, run)
     model = run / "model"
     proc = subprocess.Popen([sys.executable, "-m", "moleflow.cli", "--quiet", "add-task", str(model), "--dataset", "mvtec",
-                             "--root", str(two_class_root), "--classes", "screw"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             "--root", str(striped_root), "--classes", "screw"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     seen = set()
     while True:
         finished = proc.poll() is not None
