@@ -5,12 +5,13 @@
 
 Works on a copy of MODEL_DIR (the original is not changed). Starts `moleflow serve`'s app with uvicorn on
 127.0.0.1, then:
-1. `predict`'s batched rate in this process, for reference: `Detector.predict_tensors` on batches of
-   `--batch` decoded images (what `moleflow predict` computes, minus file reading and PNG writing);
+1. `predict`'s batched rate in this process, for reference: what `moleflow predict` does for a batch of
+   `--batch` files (decode them, `Detector.predict_tensors`), minus writing the PNGs;
 2. `--clients` concurrent clients send `--requests` requests of one image each (`?maps=false`, the same
    scoring work as the reference), cycling through IMAGES_DIR: served images/s, p50/p99 latency, failed;
-3. with `--add`: the same load again while `add-task` learns that class into the served model directory;
-   the service reloads between batches; the figures include the slowdown of sharing the cores with training.
+3. with `--add`: the same load again, on until `add-task` has learned that class into the served model
+   directory (the service reloads between batches; both generations answer); the figures include the
+   slowdown of sharing the cores with training; then a short load on the new model.
 Prints one table (or `--json`). Time it on an otherwise idle machine.
 """
 from __future__ import annotations
@@ -47,15 +48,20 @@ def log(msg: str) -> None:
 
 
 def predict_rate(model: Path, files: list[Path], batch: int, repeats: int = 3) -> float:
+    """What `moleflow predict` does per batch, minus writing the PNGs: decode the files, score them."""
     det = Detector.load(model)
-    images = torch.stack([load_image(f, det.image_size) for f in files[:batch]])
-    det.predict_tensors(images, [str(f) for f in files[:batch]])  # warm-up
+    chunk = files[:batch]
+
+    def once() -> None:
+        det.predict_tensors(torch.stack([load_image(f, det.image_size) for f in chunk]), [str(f) for f in chunk])
+
+    once()  # warm-up
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        det.predict_tensors(images, [str(f) for f in files[:batch]])
+        once()
         times.append(time.perf_counter() - t0)
-    return len(images) / statistics.median(times)
+    return len(chunk) / statistics.median(times)
 
 
 class Server:
@@ -78,33 +84,43 @@ class Server:
         self.thread.join(30)
 
 
-def load(url: str, files: list[Path], clients: int, requests: int) -> dict:
-    """`requests` single-image requests from `clients` threads; rate, latency percentiles, failures."""
+def load(url: str, files: list[Path], clients: int, requests: int, while_alive: threading.Thread | None = None) -> dict:
+    """At least `requests` single-image requests from `clients` threads (and, with `while_alive`, on
+    until that thread ends); rate, latency percentiles, failures, the model generations that answered."""
     bodies = [(f.name, f.read_bytes()) for f in files]
     latencies: list[float] = []
     failed: list[str] = []
     generations: set[int] = set()
+    sent = iter(range(10**9))
+    lock = threading.Lock()
 
-    def one(i: int) -> None:
-        name, data = bodies[i % len(bodies)]
-        t0 = time.perf_counter()
-        try:
-            r = httpx.post(f"{url}/predict?maps=false", files=[("files", (name, data, "image/png"))], timeout=600)
+    def more() -> int | None:
+        with lock:
+            i = next(sent)
+        return i if i < requests or (while_alive is not None and while_alive.is_alive()) else None
+
+    def client() -> None:
+        while (i := more()) is not None:
+            name, data = bodies[i % len(bodies)]
+            t0 = time.perf_counter()
+            try:
+                r = httpx.post(f"{url}/predict?maps=false", files=[("files", (name, data, "image/png"))], timeout=600)
+            except httpx.HTTPError as exc:
+                failed.append(repr(exc))
+                continue
             if r.status_code != 200:
                 failed.append(f"{r.status_code}: {r.text[:200]}")
-                return
+                continue
             generations.add(r.json()["generation"])
-        except httpx.HTTPError as exc:
-            failed.append(repr(exc))
-            return
-        latencies.append(time.perf_counter() - t0)
+            latencies.append(time.perf_counter() - t0)
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(one, range(requests)))
+        for f in [pool.submit(client) for _ in range(clients)]:
+            f.result()
     wall = time.perf_counter() - t0
     q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [float("nan")] * 99
-    return {"requests": requests, "clients": clients, "img_s": len(latencies) / wall, "p50_ms": 1000 * q[49],
+    return {"requests": len(latencies) + len(failed), "clients": clients, "img_s": len(latencies) / wall, "p50_ms": 1000 * q[49],
             "p99_ms": 1000 * q[98], "failed": len(failed), "failures": failed[:5], "generations": sorted(generations), "wall_s": wall}
 
 
@@ -136,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                 adder = threading.Thread(target=run_add_task, args=(model, [args.add], {dataset: args.root} if args.root else {},
                                                                      Path(tmp) / "add"), kwargs={"progress": False, "echo": log})
                 adder.start()
-                out["served_during_add_task"] = load(url, files, args.clients, args.requests)
+                out["served_during_add_task"] = load(url, files, args.clients, args.requests, while_alive=adder)
                 adder.join()
                 out["served_after_add_task"] = load(url, files, args.clients, max(args.requests // 4, args.clients))
     out["served_over_predict"] = out["served"]["img_s"] / out["predict_img_s"]
