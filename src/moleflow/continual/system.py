@@ -77,10 +77,11 @@ def task_features(system: System, specs: list[str], split: str, progress: bool) 
     return sets[0] if len(sets) == 1 else FeatureSet.concat(sets)
 
 
-def calibrate_threshold(system: System, task: int, train: FeatureSet) -> tuple[float, float]:
-    """The decision threshold (a high quantile of the task's training-image scores) and the bottom of
-    its map colour scale (1st percentile of training patch scores)."""
-    s = system.scorer.score_features(train, torch.full((len(train),), task), with_maps=False)
+def calibrate_threshold(system: System, task: int, images: FeatureSet) -> tuple[float, float]:
+    """The decision threshold (the `scoring.threshold_quantile` of the image scores of `images`: the
+    task's held-out calibration images) and the bottom of its map colour scale (their patch scores' 1st
+    percentile)."""
+    s = system.scorer.score_features(images, torch.full((len(images),), task), with_maps=False)
     threshold = float(np.quantile(s.image.numpy(), system.cfg.scoring.threshold_quantile))
     return threshold, float(np.quantile(s.patch.numpy(), 0.01))
 
