@@ -68,14 +68,26 @@ def map_range(record: TaskRecord) -> tuple[float, float]:
 class Detector:
     """A trained moleflow model: `predict` images, `add_task` products, inspect `tasks`."""
 
-    def __init__(self, system: System, model_dir: Path | None = None) -> None:
+    def __init__(self, system: System, model_dir: Path | None = None, onnx_dir: Path | None = None) -> None:
         self.system = system
         self.model_dir = model_dir
+        self.runtime = "torch" if onnx_dir is None else "onnx"
+        self._onnx = None
+        if onnx_dir is not None:
+            from moleflow.export import OnnxScorer
+
+            self._onnx = OnnxScorer(Path(onnx_dir), system.router)
 
     @classmethod
-    def load(cls, model_dir: str | Path) -> Detector:
-        """The model saved in `model_dir` (written by `fit`, `add-task` or `Detector.fit`)."""
-        return cls(load_system(Path(model_dir)), Path(model_dir))
+    def load(cls, model_dir: str | Path, runtime: str = "torch", export_dir: str | Path | None = None) -> Detector:
+        """The model saved in `model_dir` (written by `fit`, `add-task` or `Detector.fit`). `runtime="onnx"`
+        scores with ONNX Runtime on the files `moleflow export` wrote to `export_dir` (routing stays the
+        model's own router)."""
+        if runtime not in ("torch", "onnx"):
+            raise ConfigError(f"runtime must be torch or onnx, not {runtime!r}")
+        if runtime == "onnx" and export_dir is None:
+            raise ConfigError("runtime onnx needs the export folder (moleflow export MODEL_DIR --out DIR)")
+        return cls(load_system(Path(model_dir)), Path(model_dir), Path(export_dir) if runtime == "onnx" else None)
 
     @classmethod
     def fit(cls, config: str | Path | Config, out_dir: str | Path, overrides: Sequence[str] = (), progress: bool = False) -> Detector:
@@ -91,6 +103,8 @@ class Detector:
         this detector both include it afterwards."""
         if self.model_dir is None:
             raise ConfigError("add_task needs a detector loaded from a model directory (Detector.load)")
+        if self.runtime != "torch":
+            raise ConfigError("add_task trains in PyTorch: load the detector with runtime='torch', then export again")
         specs = [c if ":" in c else f"{dataset}:{c}" for c in classes]
         roots = {dataset: str(root)} if root is not None else {}
         results = run_add_task(self.model_dir, specs, roots, None, progress=progress, echo=lambda _line: None)
@@ -136,7 +150,7 @@ class Detector:
     @torch.no_grad()
     def predict_tensors(self, images: torch.Tensor, sources: list[str]) -> list[Prediction]:
         """A batch (B, 3, S, S) in [0, 1] → one Prediction per image: route, flow, map, score, verdict."""
-        sc = self.system.scorer.score_images(images, sources)
+        sc = (self._onnx or self.system.scorer).score_images(images, sources)
         out = []
         for i, source in enumerate(sources):
             t = int(sc.tasks[i])

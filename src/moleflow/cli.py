@@ -22,6 +22,7 @@ COMMANDS = {
     "grid": "run an experiment grid (--vary key=v1,v2 --seeds 0,1), resumable",
     "report": "compare run directories in grouped Markdown tables",
     "analyze": "analyses of trained runs (tail: the tail-aware loss analysis suite)",
+    "export": "the model as ONNX files (backbone + one scoring chain per task) that score as PyTorch does",
     "serve": "an HTTP inspection service with a browser page (POST /predict, GET /tasks, /health, /docs)",
 }
 
@@ -67,6 +68,13 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("model_dir", type=Path)
     pr.add_argument("paths", nargs="+", type=Path, help="image files or folders of images")
     pr.add_argument("--out", type=Path, required=True, help="folder for predictions.jsonl and the PNG maps")
+    pr.add_argument("--runtime", choices=["torch", "onnx"], default="torch", help="score with PyTorch or with the ONNX export")
+    pr.add_argument("--export", type=Path, help="the folder `moleflow export` wrote (for --runtime onnx)")
+
+    ex = sub.add_parser("export", help=COMMANDS["export"], parents=[common])
+    ex.add_argument("model_dir", type=Path)
+    ex.add_argument("--format", choices=["onnx"], default="onnx")
+    ex.add_argument("--out", type=Path, required=True, help="folder for the exported files (run again after add-task)")
 
     d = sub.add_parser("demo", help=COMMANDS["demo"], parents=[common])
     d.add_argument("--out", type=Path, help="run directory (default runs/demo-<time>)")
@@ -186,8 +194,17 @@ def _evaluate(args: argparse.Namespace, progress: bool) -> int:
 def _predict(args: argparse.Namespace, progress: bool) -> int:
     from moleflow.predict import run_predict
 
-    n = run_predict(args.model_dir, args.paths, args.out, progress=progress)
+    n = run_predict(args.model_dir, args.paths, args.out, progress=progress, runtime=args.runtime, export_dir=args.export)
     print(f"{n} predictions written to {args.out / 'predictions.jsonl'}")
+    return 0
+
+
+def _export(args: argparse.Namespace, progress: bool) -> int:
+    from moleflow.continual.system import load_system
+    from moleflow.export import export_onnx
+
+    manifest = export_onnx(load_system(args.model_dir), args.model_dir, args.out)
+    print(f"{len(manifest['tasks'])} task(s) and the backbone exported to {args.out}")
     return 0
 
 
@@ -241,7 +258,7 @@ def _serve(args: argparse.Namespace, progress: bool) -> int:
 
 
 HANDLERS = {"fit": _fit, "add-task": _add_task, "evaluate": _evaluate, "predict": _predict, "demo": _demo,
-            "grid": _grid, "report": _report, "analyze": _analyze, "serve": _serve}
+            "grid": _grid, "report": _report, "analyze": _analyze, "serve": _serve, "export": _export}
 
 
 def _run(args: argparse.Namespace) -> int:

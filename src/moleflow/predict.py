@@ -48,8 +48,9 @@ def _record(p: Prediction, index: int, path: Path, out_dir: Path, image) -> dict
             "anomalous": p.anomalous, "map": f"maps/{stem}_map.png", "overlay": f"maps/{stem}_overlay.png"}
 
 
-def run_predict(model_dir: Path, paths: list[Path], out_dir: Path, progress: bool = True, batch_size: int = 8) -> int:
-    detector = Detector.load(model_dir)
+def run_predict(model_dir: Path, paths: list[Path], out_dir: Path, progress: bool = True, batch_size: int = 8,
+                runtime: str = "torch", export_dir: Path | None = None) -> int:
+    detector = Detector.load(model_dir, runtime, export_dir)
     if detector.system.router.cfg.mode == "oracle":
         raise ConfigError("this model routes with the oracle (router.mode: oracle), which needs each image's true task; "
                           "predict cannot know it: retrain with router.mode=mahalanobis")

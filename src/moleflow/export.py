@@ -1,0 +1,124 @@
+"""`moleflow export`: a trained model as ONNX files that score exactly as PyTorch does.
+
+    DIR/
+      export.json      format, image size, the model directory, per task: classes, threshold, map range, file, sha256
+      backbone.onnx    images (B, 3, S, S) in [0, 1] -> patches (B, H, W, C), descriptors (B, 2C)
+      task_000.onnx    patches (B, H, W, C) -> image score (B,), anomaly map (B, S, S), patch scores (B, H, W):
+      task_001.onnx    positional encoding, whitening, mixer, flow with the task's LoRA merged, DIA, score, map
+
+Routing stays the PyTorch router of the model directory (a few matrix products on the descriptors), so
+an exported model routes exactly as the original. Exporting again after `add-task` writes only the new
+task's file; the others stay byte-identical. `OnnxScorer` runs the files with ONNX Runtime behind the
+same interface as `Scorer.score_images`.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from moleflow.atomic import atomic_write_bytes, atomic_write_text
+from moleflow.config import ConfigError, ScoringConfig
+from moleflow.continual.system import System
+from moleflow.model.mole_flow import MoLEFlow
+from moleflow.router import UNKNOWN, TaskRouter
+from moleflow.scoring import Scores, anomaly_map, image_score, patch_scores
+
+MANIFEST = "export.json"
+FORMAT = "moleflow-onnx"
+OPSET = 17
+
+
+class TaskChain(nn.Module):
+    """One task's scoring chain as a plain module: patches -> (image score, map, patch scores)."""
+
+    def __init__(self, model: MoLEFlow, task: int, cfg: ScoringConfig, image_size: int) -> None:
+        super().__init__()
+        self.model, self.task, self.cfg, self.image_size = model, task, cfg, image_size
+
+    def forward(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with self.model.use_task(self.task):
+            z, log_det = self.model(patches)  # (B, H, W, C'), (B, H, W)
+        s = patch_scores(z, log_det, self.cfg.patch_score)  # (B, H, W)
+        return image_score(s, self.cfg.aggregation, self.cfg.top_k), anomaly_map(s, self.image_size, self.cfg.blur_sigma), s
+
+
+def _onnx_bytes(module: nn.Module, example: torch.Tensor, inputs: list[str], outputs: list[str]) -> bytes:
+    buf = io.BytesIO()
+    axes = {name: {0: "batch"} for name in inputs + outputs}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(module.eval(), (example,), buf, dynamo=False, input_names=inputs, output_names=outputs,
+                          dynamic_axes=axes, opset_version=OPSET)
+    return buf.getvalue()
+
+
+def export_onnx(system: System, model_dir: Path, out: Path) -> dict:
+    """Write (or complete) the ONNX export of `system` in `out`; returns the manifest."""
+    if system.router.cfg.mode == "hybrid":
+        raise ConfigError("router.mode hybrid needs the flow inside the router; export supports mahalanobis routing")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    old = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).is_file() else None
+    if old is not None and old.get("backbone_identity") != system.extractor.identity():
+        raise ConfigError(f"{out} holds the export of another backbone; export into an empty folder")
+    size = system.cfg.data.image_size
+    example = torch.rand(2, 3, size, size, device=system.device)
+    entries = {e["index"]: e for e in (old or {}).get("tasks", [])}
+    if old is None:
+        atomic_write_bytes(out / "backbone.onnx", _onnx_bytes(system.extractor, example, ["images"], ["patches", "descriptors"]))
+    with torch.no_grad():
+        patches = system.extractor(example)[0]
+    tasks = []
+    for rec in system.tasks:
+        entry = entries.get(rec.index)
+        if entry is None or entry.get("model_sha256") != rec.sha256:  # new, or retrained (finetune)
+            data = _onnx_bytes(TaskChain(system.model, rec.index, system.cfg.scoring, size), patches,
+                               ["patches"], ["image_score", "map", "patch_scores"])
+            name = f"task_{rec.index:03d}.onnx"
+            atomic_write_bytes(out / name, data)
+            entry = {"index": rec.index, "file": name, "sha256": hashlib.sha256(data).hexdigest(), "model_sha256": rec.sha256}
+        tasks.append({**entry, "classes": list(rec.classes), "threshold": rec.threshold, "map_low": rec.map_low})
+    manifest = {"format": FORMAT, "opset": OPSET, "image_size": size, "model_dir": str(Path(model_dir).resolve()),
+                "backbone_identity": system.extractor.identity(), "backbone": "backbone.onnx", "tasks": tasks}
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2))
+    return manifest
+
+
+class OnnxScorer:
+    """`Scorer.score_images` on the exported files with ONNX Runtime (routing by the PyTorch router)."""
+
+    def __init__(self, export_dir: Path, router: TaskRouter) -> None:
+        import onnxruntime as ort
+
+        export_dir = Path(export_dir)
+        manifest = json.loads((export_dir / MANIFEST).read_text())
+        if manifest.get("format") != FORMAT:
+            raise ConfigError(f"{export_dir / MANIFEST} is not a moleflow ONNX export")
+        opts = ort.SessionOptions()
+        self.backbone = ort.InferenceSession(str(export_dir / manifest["backbone"]), opts, providers=["CPUExecutionProvider"])
+        self.tasks = {e["index"]: ort.InferenceSession(str(export_dir / e["file"]), opts, providers=["CPUExecutionProvider"])
+                      for e in manifest["tasks"]}
+        missing = sorted(set(router.prototypes) - set(self.tasks))
+        if missing:
+            raise ConfigError(f"{export_dir} lacks the tasks {missing} of the model; export it again (moleflow export)")
+        self.router, self.image_size = router, manifest["image_size"]
+
+    def score_images(self, images: torch.Tensor, names: list[str] | None = None) -> Scores:
+        patches, desc = self.backbone.run(None, {"images": images.detach().cpu().numpy().astype(np.float32)})
+        routed = self.router.route(torch.from_numpy(desc))
+        b, h, w, _ = patches.shape
+        image = torch.full((b,), float("nan"))
+        patch = torch.zeros(b, h, w)
+        maps = torch.zeros(b, self.image_size, self.image_size)
+        for t in sorted(set(routed.tolist()) - {UNKNOWN}):
+            idx = (routed == t).nonzero().squeeze(1)
+            s_img, s_map, s_patch = self.tasks[t].run(None, {"patches": patches[idx.numpy()]})
+            image[idx], maps[idx], patch[idx] = torch.from_numpy(s_img), torch.from_numpy(s_map), torch.from_numpy(s_patch)
+        return Scores(routed, image, patch, maps)
