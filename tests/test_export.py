@@ -26,8 +26,10 @@ def exported(trained_model, tmp_path_factory):
     return out
 
 
-def test_onnx_scores_equal_pytorchs_for_every_task(trained_model, exported, striped_root):
-    torch_det, onnx_det = Detector.load(trained_model), Detector.load(trained_model, runtime="onnx", export_dir=exported)
+@pytest.mark.parametrize("runtime", ["onnx", "openvino"])
+def test_exported_scores_equal_pytorchs_for_every_task(trained_model, exported, striped_root, runtime):
+    pytest.importorskip({"onnx": "onnxruntime", "openvino": "openvino"}[runtime])
+    torch_det, onnx_det = Detector.load(trained_model), Detector.load(trained_model, runtime=runtime, export_dir=exported)
     paths = _images(striped_root)
     ref, got = torch_det.predict(paths), onnx_det.predict(paths)
     assert {p.task for p in ref} >= {0, 1}  # both tasks are exercised

@@ -68,26 +68,27 @@ def map_range(record: TaskRecord) -> tuple[float, float]:
 class Detector:
     """A trained moleflow model: `predict` images, `add_task` products, inspect `tasks`."""
 
-    def __init__(self, system: System, model_dir: Path | None = None, onnx_dir: Path | None = None) -> None:
+    def __init__(self, system: System, model_dir: Path | None = None, export_dir: Path | None = None,
+                 runtime: str = "torch") -> None:
         self.system = system
         self.model_dir = model_dir
-        self.runtime = "torch" if onnx_dir is None else "onnx"
+        self.runtime = runtime
         self._onnx = None
-        if onnx_dir is not None:
+        if runtime != "torch":
             from moleflow.export import OnnxScorer
 
-            self._onnx = OnnxScorer(Path(onnx_dir), system.router)
+            self._onnx = OnnxScorer(Path(export_dir), system.router, runtime)
 
     @classmethod
     def load(cls, model_dir: str | Path, runtime: str = "torch", export_dir: str | Path | None = None) -> Detector:
         """The model saved in `model_dir` (written by `fit`, `add-task` or `Detector.fit`). `runtime="onnx"`
-        scores with ONNX Runtime on the files `moleflow export` wrote to `export_dir` (routing stays the
-        model's own router)."""
-        if runtime not in ("torch", "onnx"):
-            raise ConfigError(f"runtime must be torch or onnx, not {runtime!r}")
-        if runtime == "onnx" and export_dir is None:
-            raise ConfigError("runtime onnx needs the export folder (moleflow export MODEL_DIR --out DIR)")
-        return cls(load_system(Path(model_dir)), Path(model_dir), Path(export_dir) if runtime == "onnx" else None)
+        or `"openvino"` scores with ONNX Runtime or OpenVINO on the files `moleflow export` wrote to
+        `export_dir` (routing stays the model's own router)."""
+        if runtime not in ("torch", "onnx", "openvino"):
+            raise ConfigError(f"runtime must be torch, onnx or openvino, not {runtime!r}")
+        if runtime != "torch" and export_dir is None:
+            raise ConfigError(f"runtime {runtime} needs the export folder (moleflow export MODEL_DIR --out DIR)")
+        return cls(load_system(Path(model_dir)), Path(model_dir), None if export_dir is None else Path(export_dir), runtime)
 
     @classmethod
     def fit(cls, config: str | Path | Config, out_dir: str | Path, overrides: Sequence[str] = (), progress: bool = False) -> Detector:

@@ -68,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("model_dir", type=Path)
     pr.add_argument("paths", nargs="+", type=Path, help="image files or folders of images")
     pr.add_argument("--out", type=Path, required=True, help="folder for predictions.jsonl and the PNG maps")
-    pr.add_argument("--runtime", choices=["torch", "onnx"], default="torch", help="score with PyTorch or with the ONNX export")
+    pr.add_argument("--runtime", choices=["torch", "onnx", "openvino"], default="torch",
+                    help="score with PyTorch, or the ONNX export on ONNX Runtime or OpenVINO")
     pr.add_argument("--export", type=Path, help="the folder `moleflow export` wrote (for --runtime onnx)")
 
     ex = sub.add_parser("export", help=COMMANDS["export"], parents=[common])

@@ -8,8 +8,8 @@
 
 Routing stays the PyTorch router of the model directory (a few matrix products on the descriptors), so
 an exported model routes exactly as the original. Exporting again after `add-task` writes only the new
-task's file; the others stay byte-identical. `OnnxScorer` runs the files with ONNX Runtime behind the
-same interface as `Scorer.score_images`.
+task's file; the others stay byte-identical. `OnnxScorer` runs the files with ONNX Runtime or OpenVINO
+(which reads ONNX; compiled for f32) behind the same interface as `Scorer.score_images`.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -91,27 +92,42 @@ def export_onnx(system: System, model_dir: Path, out: Path) -> dict:
     return manifest
 
 
-class OnnxScorer:
-    """`Scorer.score_images` on the exported files with ONNX Runtime (routing by the PyTorch router)."""
+RUNTIMES = ("onnx", "openvino")
 
-    def __init__(self, export_dir: Path, router: TaskRouter) -> None:
+
+def _session(path: Path, runtime: str) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
+    """One exported file as a function feeds -> outputs, on ONNX Runtime or OpenVINO (which reads ONNX)."""
+    if runtime == "onnx":
         import onnxruntime as ort
 
+        sess = ort.InferenceSession(str(path), ort.SessionOptions(), providers=["CPUExecutionProvider"])
+        return lambda feeds: sess.run(None, feeds)
+    import openvino as ov
+
+    # f32 inference: the CPU plugin otherwise picks bf16/f16 where the processor has it (scores off by 10 %)
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return lambda feeds: [np.asarray(v) for v in compiled(feeds).values()]
+
+
+class OnnxScorer:
+    """`Scorer.score_images` on the exported files with ONNX Runtime or OpenVINO (routing by the PyTorch router)."""
+
+    def __init__(self, export_dir: Path, router: TaskRouter, runtime: str = "onnx") -> None:
+        if runtime not in RUNTIMES:
+            raise ConfigError(f"export runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
         export_dir = Path(export_dir)
         manifest = json.loads((export_dir / MANIFEST).read_text())
         if manifest.get("format") != FORMAT:
             raise ConfigError(f"{export_dir / MANIFEST} is not a moleflow ONNX export")
-        opts = ort.SessionOptions()
-        self.backbone = ort.InferenceSession(str(export_dir / manifest["backbone"]), opts, providers=["CPUExecutionProvider"])
-        self.tasks = {e["index"]: ort.InferenceSession(str(export_dir / e["file"]), opts, providers=["CPUExecutionProvider"])
-                      for e in manifest["tasks"]}
+        self.backbone = _session(export_dir / manifest["backbone"], runtime)
+        self.tasks = {e["index"]: _session(export_dir / e["file"], runtime) for e in manifest["tasks"]}
         missing = sorted(set(router.prototypes) - set(self.tasks))
         if missing:
             raise ConfigError(f"{export_dir} lacks the tasks {missing} of the model; export it again (moleflow export)")
         self.router, self.image_size = router, manifest["image_size"]
 
     def score_images(self, images: torch.Tensor, names: list[str] | None = None) -> Scores:
-        patches, desc = self.backbone.run(None, {"images": images.detach().cpu().numpy().astype(np.float32)})
+        patches, desc = self.backbone({"images": images.detach().cpu().numpy().astype(np.float32)})
         routed = self.router.route(torch.from_numpy(desc))
         b, h, w, _ = patches.shape
         image = torch.full((b,), float("nan"))
@@ -119,6 +135,6 @@ class OnnxScorer:
         maps = torch.zeros(b, self.image_size, self.image_size)
         for t in sorted(set(routed.tolist()) - {UNKNOWN}):
             idx = (routed == t).nonzero().squeeze(1)
-            s_img, s_map, s_patch = self.tasks[t].run(None, {"patches": patches[idx.numpy()]})
+            s_img, s_map, s_patch = self.tasks[t]({"patches": patches[idx.numpy()]})
             image[idx], maps[idx], patch[idx] = torch.from_numpy(s_img), torch.from_numpy(s_map), torch.from_numpy(s_patch)
         return Scores(routed, image, patch, maps)
