@@ -37,6 +37,7 @@ import platform
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -237,6 +238,25 @@ def mixed_images(system: System, category_images: torch.Tensor, specs: list[str]
 # --------------------------------------------------------------------------- the whole measurement
 
 
+def exported_runtimes(t1_system: System, system: System, tmp: Path) -> dict[tuple[str, int], object]:
+    """(runtime, tasks) -> the scorer of the ONNX export of the 1-task and the T-task system, for each
+    installed runtime (ONNX Runtime, OpenVINO): the same predict path as `Detector.load(runtime=...)`."""
+    import importlib.util
+
+    from moleflow.export import OnnxScorer, export_onnx
+
+    out: dict[tuple[str, int], object] = {}
+    for rt, module in (("onnx", "onnxruntime"), ("openvino", "openvino")):
+        if importlib.util.find_spec(module) is None:
+            continue
+        for sys_, n in ((t1_system, 1), (system, len(system.tasks))):
+            folder = tmp / f"T{n}"
+            if not (folder / "export.json").is_file():
+                export_onnx(sys_, folder, folder)
+            out[(rt, n)] = OnnxScorer(folder, sys_.router, rt)
+    return out
+
+
 def measure(
     cfg: Config,
     category: Path,
@@ -298,6 +318,10 @@ def measure(
     if mixed:
         mixed_batch = mixed_images(system, batch, list(extra_specs), images)
         calls[f"predict_T{n_tasks}_mixed"] = lambda: predict_batch(system, mixed_batch)
+    export_tmp = tempfile.TemporaryDirectory()
+    runtimes = exported_runtimes(t1_system, system, Path(export_tmp.name))
+    for (rt, t), scorer in runtimes.items():
+        calls[f"{rt}_T{t}"] = (lambda sc: lambda: sc.score_images(batch))(scorer)
 
     log(f"timing {len(calls)} calls x ({warmup} warm-up + {repeats} rounds), batch {images} ...")
     rates = interleaved_rates(calls, images, warmup, repeats)
@@ -308,6 +332,10 @@ def measure(
     if mixed_batch is not None:
         result[f"predict_img_s_T{n_tasks}_mixed"] = med[f"predict_T{n_tasks}_mixed"]
     result["rates_all_rounds"] = rates
+    result["runtimes_img_s"] = {"torch": {"T1": med["predict_T1"], f"T{n_tasks}": med[f"predict_T{n_tasks}"]}}
+    for (rt, t) in runtimes:
+        result["runtimes_img_s"].setdefault(rt, {})[f"T{1 if t == 1 else n_tasks}"] = med[f"{rt}_T{t}"]
+    export_tmp.cleanup()
     result["predict_stages_ms_per_img_T1"] = predict_stages(t1_system, batch, repeats)
 
     # Where the batches went: the single-product batch should stay on task 0 at T10.
@@ -360,6 +388,10 @@ def format_table(r: dict) -> str:
     rate_row("backbone (features only)", "backbone")
     rate_row("predict, 1 task", "predict_T1")
     rate_row(f"predict, {t} tasks", f"predict_T{t}")
+    for rt in ("onnx", "openvino"):
+        if f"{rt}_T1" in r["rates_all_rounds"]:
+            rate_row(f"predict, 1 task, {rt} export", f"{rt}_T1")
+            rate_row(f"predict, {t} tasks, {rt} export", f"{rt}_T{t}")
     if f"predict_T{t}_mixed" in r["rates_all_rounds"]:
         rate_row(f"predict, {t} tasks, mixed batch", f"predict_T{t}_mixed")
     lines.append(f"{'train one task, ' + str(tb['n_images']) + ' images':<34} {r['train_s_200img']:>10.1f} s{epochs_note}")

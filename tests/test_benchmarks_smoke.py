@@ -64,6 +64,9 @@ def test_speed_json_has_every_figure(speed, tiny_root, capsys):
         assert result[key] == pytest.approx(sorted(result["rates_all_rounds"][name])[0] / 2 + sorted(result["rates_all_rounds"][name])[1] / 2)
     stages = result["predict_stages_ms_per_img_T1"]
     assert set(stages) == {"features", "routing", "flow", "map", "image_score"} and all(v >= 0 for v in stages.values())
+    installed = {rt for rt, module in (("onnx", "onnxruntime"), ("openvino", "openvino")) if importlib.util.find_spec(module)}
+    assert set(result["runtimes_img_s"]) == {"torch", *installed}  # every runtime side by side, 1 and 3 tasks
+    assert all(set(v) == {"T1", "T3"} and min(v.values()) > 0 for v in result["runtimes_img_s"].values())
     assert result["params_shared"] > 0 and result["params_per_task"] > 0
     assert result["peak_rss_mb"] > 0
     tb = result["train_breakdown"]
