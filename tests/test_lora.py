@@ -110,3 +110,21 @@ def test_remove_task():
     layer.remove_task("1")
     assert layer.task_keys == ["0"] and "1" not in layer.lora_A and layer.active_task is None
     assert [n for n, _ in layer.named_parameters()] == ["weight", "bias", "lora_A.0", "lora_B.0", "task_bias.0"]
+
+
+def test_merged_weights_are_cached_for_inference_and_follow_every_change():
+    layer = LoRALinear(6, 5, rank=2, alpha=2.0)
+    layer.add_task("0")
+    layer.active_task = "0"
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        first = layer.effective_weight_and_bias()
+        assert layer.effective_weight_and_bias()[0] is first[0]  # merged once, then reused
+        layer.lora_B["0"].add_(1.0)  # an update of the task's tensors (as an optimiser step does it)
+        merged = layer.effective_weight_and_bias()[0]
+        assert merged is not first[0]
+        torch.testing.assert_close(merged, layer.weight + layer.scaling * layer.lora_B["0"] @ layer.lora_A["0"])
+        y = layer(x)
+    y_grad = layer(x)  # with gradients: merged on the fly, so training sees every step
+    torch.testing.assert_close(y, y_grad.detach())
+    assert y_grad.requires_grad
