@@ -29,7 +29,7 @@ from moleflow.config import ConfigError, ScoringConfig
 from moleflow.continual.system import System
 from moleflow.model.mole_flow import MoLEFlow
 from moleflow.router import UNKNOWN, TaskRouter
-from moleflow.scoring import Scores, anomaly_map, image_score, patch_scores
+from moleflow.scoring import Scores, anomaly_map, image_score, patch_scores, require_finite
 
 MANIFEST = "export.json"
 FORMAT = "moleflow-onnx"
@@ -127,7 +127,9 @@ class OnnxScorer:
         self.router, self.image_size = router, manifest["image_size"]
 
     def score_images(self, images: torch.Tensor, names: list[str] | None = None) -> Scores:
+        names = names or [f"image {i} of the batch" for i in range(len(images))]
         patches, desc = self.backbone({"images": images.detach().cpu().numpy().astype(np.float32)})
+        require_finite(torch.from_numpy(patches), names, "backbone features")  # as Scorer.score_images
         routed = self.router.route(torch.from_numpy(desc))
         b, h, w, _ = patches.shape
         image = torch.full((b,), float("nan"))
@@ -136,5 +138,6 @@ class OnnxScorer:
         for t in sorted(set(routed.tolist()) - {UNKNOWN}):
             idx = (routed == t).nonzero().squeeze(1)
             s_img, s_map, s_patch = self.tasks[t]({"patches": patches[idx.numpy()]})
+            require_finite(torch.from_numpy(s_patch), [names[i] for i in idx.tolist()], f"anomaly scores under task {t}")
             image[idx], maps[idx], patch[idx] = torch.from_numpy(s_img), torch.from_numpy(s_map), torch.from_numpy(s_patch)
         return Scores(routed, image, patch, maps)
