@@ -122,7 +122,7 @@ def test_hot_reload_during_requests_fails_none_and_mixes_none(trained_model, str
         threads = [threading.Thread(target=client) for _ in range(4)]
         for t in threads:
             t.start()
-        run_add_task(model, ["mvtec:screw"], {"mvtec": str(striped_root)}, tmp_path / "add", progress=False, echo=lambda _: None)
+        run_add_task(model, [["mvtec:screw"]], {"mvtec": str(striped_root)}, tmp_path / "add", progress=False, echo=lambda _: None)
         deadline = time.monotonic() + 60
         while not any(a[1].get("generation") == 2 for a in answers) and time.monotonic() < deadline:
             time.sleep(0.1)

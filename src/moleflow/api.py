@@ -108,7 +108,7 @@ class Detector:
             raise ConfigError("add_task trains in PyTorch: load the detector with runtime='torch', then export again")
         specs = [c if ":" in c else f"{dataset}:{c}" for c in classes]
         roots = {dataset: str(root)} if root is not None else {}
-        results = run_add_task(self.model_dir, specs, roots, None, progress=progress, echo=lambda _line: None)
+        results = run_add_task(self.model_dir, [specs], roots, None, progress=progress, echo=lambda _line: None)
         self.system = load_system(self.model_dir)
         return results
 

@@ -27,6 +27,10 @@ COMMANDS = {
 }
 
 
+RAY_HELP = ("learn every task after the first as its own Ray task: local (default: a cluster on this machine), "
+            "auto (the cluster this machine belongs to) or a cluster address; needs pip install 'moleflow[ray]'")
+
+
 def _default_run_dir(stem: str) -> Path:
     return Path("runs") / f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
@@ -50,12 +54,16 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--plots", action=argparse.BooleanOptionalAction, default=None, help="write PNG plots and report.html (default on)")
     f.add_argument("--resume", action="store_true", help="continue an interrupted run in --out from its last completed task")
     f.add_argument("--skip-bad", action="store_true", help="leave out unreadable images (listed in results.json) instead of stopping")
+    f.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS", help=RAY_HELP)
 
     a = sub.add_parser("add-task", help=COMMANDS["add-task"], parents=[common])
     a.add_argument("model_dir", type=Path)
     a.add_argument("--dataset", required=True, help="mvtec | mpdd | visa | elpv | folder")
     a.add_argument("--root", help="dataset root (the folder holding the class folders); not needed for elpv")
-    a.add_argument("--classes", nargs="+", required=True, help="class(es) of the new task")
+    a.add_argument("--classes", nargs="+", required=True,
+                   help="the new task's classes (`--classes a b`: one task of two classes); commas separate tasks "
+                        "(`--classes a,b,c`: three new tasks)")
+    a.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS", help=RAY_HELP)
     a.add_argument("--out", type=Path, help="run directory for results (default: the model's own run directory)")
 
     e = sub.add_parser("evaluate", help=COMMANDS["evaluate"], parents=[common])
@@ -71,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--runtime", choices=["torch", "onnx", "openvino"], default="torch",
                     help="score with PyTorch, or the ONNX export on ONNX Runtime or OpenVINO")
     pr.add_argument("--export", type=Path, help="the folder `moleflow export` wrote (for --runtime onnx)")
+    pr.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                    help="score on a Ray cluster with Ray Data (actors that load the model once): local (default), auto or an address")
 
     ex = sub.add_parser("export", help=COMMANDS["export"], parents=[common])
     ex.add_argument("model_dir", type=Path)
@@ -154,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _fit(args: argparse.Namespace, progress: bool) -> int:
     from moleflow.config import ConfigError, load_config
-    from moleflow.continual.jobs import run_fit
+    from moleflow.continual.jobs import run_fit, run_fit_parallel
 
     flags = [] if args.plots is None else [f"output.plots={'true' if args.plots else 'false'}"]
     flags += ["data.skip_bad=true"] if args.skip_bad else []
@@ -163,21 +173,27 @@ def _fit(args: argparse.Namespace, progress: bool) -> int:
         raise ConfigError("--resume needs --out: the run directory to continue")
     out = args.out or _default_run_dir(Path(args.config).stem)
     t0 = time.perf_counter()
-    results = run_fit(cfg, out, progress=progress, resume=args.resume)
+    if args.ray:
+        results = run_fit_parallel(cfg, out, args.ray, progress=progress, resume=args.resume)
+    else:
+        results = run_fit(cfg, out, progress=progress, resume=args.resume)
     _print_summary(results, out, time.perf_counter() - t0)
     return 0
 
 
 def _add_task(args: argparse.Namespace, progress: bool) -> int:
+    from moleflow.config import ConfigError
     from moleflow.continual.jobs import run_add_task
     from moleflow.data import parse_class_spec
 
-    specs = [c if ":" in c else f"{args.dataset}:{c}" for c in args.classes]
-    for s in specs:
+    tasks = [[c if ":" in c else f"{args.dataset}:{c}" for c in group.split()] for group in " ".join(args.classes).split(",")]
+    if any(not specs for specs in tasks):
+        raise ConfigError(f"--classes {' '.join(args.classes)}: an empty task between commas")
+    for s in sum(tasks, []):
         parse_class_spec(s, args.dataset)
     roots = {args.dataset: args.root} if args.root else {}
     t0 = time.perf_counter()
-    results = run_add_task(args.model_dir, specs, roots, args.out, progress=progress)
+    results = run_add_task(args.model_dir, tasks, roots, args.out, progress=progress, ray=args.ray)
     _print_summary(results, args.out or args.model_dir.parent, time.perf_counter() - t0)
     return 0
 
@@ -195,7 +211,8 @@ def _evaluate(args: argparse.Namespace, progress: bool) -> int:
 def _predict(args: argparse.Namespace, progress: bool) -> int:
     from moleflow.predict import run_predict
 
-    n = run_predict(args.model_dir, args.paths, args.out, progress=progress, runtime=args.runtime, export_dir=args.export)
+    n = run_predict(args.model_dir, args.paths, args.out, progress=progress, runtime=args.runtime, export_dir=args.export,
+                    ray=args.ray)
     print(f"{n} predictions written to {args.out / 'predictions.jsonl'}")
     return 0
 

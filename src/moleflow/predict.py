@@ -48,8 +48,19 @@ def _record(p: Prediction, index: int, path: Path, out_dir: Path, image) -> dict
             "anomalous": p.anomalous, "map": f"maps/{stem}_map.png", "overlay": f"maps/{stem}_overlay.png"}
 
 
+def predict_batch(detector: Detector, files: list[Path], start: int, out_dir: Path, shown: list[str] | None = None) -> list[str]:
+    """The predictions.jsonl lines of images `files` (numbered from `start`), their PNGs written;
+    `shown` are the paths as the user gave them (default: `files`)."""
+    images = [load_image(f, detector.image_size) for f in files]  # (3, S, S) in [0, 1] each
+    preds = detector.predict_tensors(torch.stack(images), [str(f) for f in files])
+    shown = shown or [str(f) for f in files]
+    return [json.dumps(_record(p, start + i, Path(shown[i]), out_dir, images[i])) for i, p in enumerate(preds)]
+
+
 def run_predict(model_dir: Path, paths: list[Path], out_dir: Path, progress: bool = True, batch_size: int = 8,
-                runtime: str = "torch", export_dir: Path | None = None) -> int:
+                runtime: str = "torch", export_dir: Path | None = None, ray: str | None = None) -> int:
+    """Score the images named or found in `paths`; write predictions.jsonl and the PNGs to `out_dir`.
+    With `ray` (a cluster address) the batches are scored by Ray Data actors that load the model once."""
     detector = Detector.load(model_dir, runtime, export_dir)
     if detector.system.router.cfg.mode == "oracle":
         raise ConfigError("this model routes with the oracle (router.mode: oracle), which needs each image's true task; "
@@ -57,11 +68,13 @@ def run_predict(model_dir: Path, paths: list[Path], out_dir: Path, progress: boo
     files = collect_images(paths)
     out_dir = Path(out_dir)
     (out_dir / "maps").mkdir(parents=True, exist_ok=True)
-    lines = []
-    for start in tqdm(range(0, len(files), batch_size), desc="predict", disable=not progress):
-        batch = files[start : start + batch_size]
-        images = [load_image(f, detector.image_size) for f in batch]  # (3, S, S) in [0, 1] each
-        preds = detector.predict_tensors(torch.stack(images), [str(f) for f in batch])
-        lines += [json.dumps(_record(p, start + i, f, out_dir, images[i])) for i, (p, f) in enumerate(zip(preds, batch))]
+    if ray is not None:
+        from moleflow.predict_ray import predict_on_ray
+
+        lines = predict_on_ray(ray, model_dir, runtime, export_dir, files, out_dir, batch_size)
+    else:
+        lines = []
+        for start in tqdm(range(0, len(files), batch_size), desc="predict", disable=not progress):
+            lines += predict_batch(detector, files[start : start + batch_size], start, out_dir)
     atomic_write_text(out_dir / "predictions.jsonl", "\n".join(lines) + "\n")
     return len(lines)

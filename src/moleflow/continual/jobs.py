@@ -15,10 +15,12 @@ from pathlib import Path
 from moleflow.config import Config, ConfigError, config_to_dict
 from moleflow.continual.evaluate import evaluate_task
 from moleflow.continual.methods import METHODS
+from moleflow.continual.parallel import learn_tasks
 from moleflow.continual.scenario import display_name, resolve_tasks
 from moleflow.continual.system import (
     System,
     build_system,
+    first_tasks,
     learn_new_task,
     load_system,
     save_system,
@@ -120,11 +122,7 @@ def _resume_state(cfg: Config, run: RunDir, tasks: list[list[str]], echo) -> tup
         return None
     if not METHODS[cfg.method].resumable:
         raise ConfigError(f"--resume continues method: moleflow runs; {run.path} is a '{cfg.method}' run, start it again")
-    saved = saved_config(run.model)
-    mine = config_to_dict(cfg)
-    diff = [k for k in mine if k != "output" and mine[k] != saved.get(k)]
-    if diff:
-        raise ConfigError(f"--resume: {run.path} was started with another config (sections {', '.join(diff)} differ); resume with the same config or use a new --out")
+    _check_same_config(cfg, saved_config(run.model), run.path)
     system = load_system(run.model)
     done = len(system.tasks)
     if [r.specs for r in system.tasks] != tasks[:done]:
@@ -137,6 +135,13 @@ def _resume_state(cfg: Config, run: RunDir, tasks: list[list[str]], echo) -> tup
         log.train_s = log.train_s[:done]
     echo(f"resuming {run.path}: {done} of {len(tasks)} tasks completed")
     return system, log
+
+
+def _check_same_config(cfg: Config, saved: dict, path: Path) -> None:
+    mine = config_to_dict(cfg)
+    diff = [k for k in mine if k != "output" and mine[k] != saved.get(k)]
+    if diff:
+        raise ConfigError(f"--resume: {path} was started with another config (sections {', '.join(diff)} differ); resume with the same config or use a new --out")
 
 
 def _new_log(method: str, tasks: list[list[str]]) -> RunLog:
@@ -195,54 +200,121 @@ def run_fit(cfg: Config, run_dir: Path, progress: bool = True, echo=print, resum
     return results
 
 
-def run_add_task(model_dir: Path, specs: list[str], roots: dict[str, str], run_dir: Path | None, progress: bool = True, echo=print) -> RunResults:
-    """Learn one new task on a saved model from the new images only; evaluate every task with routing."""
+def run_add_task(model_dir: Path, tasks: list[list[str]], roots: dict[str, str], run_dir: Path | None, progress: bool = True,
+                 echo=print, ray: str | None = None) -> RunResults:
+    """Learn new tasks (each a list of class specs) on a saved model from the new images only: one after
+    another, or with `ray` (a cluster address, parallel.py) side by side. Then evaluate as the steps of
+    a sequential run: after each new task, every task known by then, routed."""
     model_dir = Path(model_dir)
     system = load_system(model_dir)
     if not METHODS[system.cfg.method].extendable:
         raise ConfigError(f"{model_dir} is a '{system.cfg.method}' baseline; add-task needs a model trained with method: moleflow")
-    cfg = dataclasses.replace(system.cfg, data=dataclasses.replace(system.cfg.data, roots={**system.cfg.data.roots, **roots}))
-    system.cfg = cfg
-    known = {c for r in system.tasks for c in r.specs}
-    for s in specs:
-        if s in known or display_name(s) in {r2 for r in system.tasks for r2 in r.classes}:
-            raise ConfigError(f"class '{s}' is already a task of {model_dir}; add-task takes classes the model has not learned")
+    system.cfg = dataclasses.replace(system.cfg, data=dataclasses.replace(system.cfg.data, roots={**system.cfg.data.roots, **roots}))
+    _check_new_classes(system, tasks, model_dir)
     run = RunDir(Path(run_dir) if run_dir else model_dir.parent).create()
     previous = run.read_results()
     log = RunLog.resumed(previous) if previous is not None else RunLog(
         [tuple(r.classes) for r in system.tasks], [tuple(r.specs) for r in system.tasks])
+    first = len(system.tasks)
+    jobs = {first + i: list(specs) for i, specs in enumerate(tasks)}
+    if ray is None:
+        logs = {}
+        for t, specs in jobs.items():
+            t0 = time.perf_counter()
+            train = task_features(system, specs, "train", progress)
+            log.features_s += time.perf_counter() - t0
+            logs[t] = learn_new_task(system, specs, train, progress, step=t)[1]
+            save_system(system, model_dir, new_tasks=[t])
+    else:
+        logs = learn_tasks(system, model_dir, jobs, ray, echo, base_shared=checkpoint.read_manifest(model_dir)["shared"])
+        save_system(system, model_dir, new_tasks=[])  # the manifest switches once, with every new task
+    test_sets = _earlier_test_sets(system, first, progress, echo)
     t0 = time.perf_counter()
-    train = task_features(system, specs, "train", progress)
-    new_test = task_features(system, specs, "test", progress)
+    test_sets.update({t: task_features(system, specs, "test", progress) for t, specs in jobs.items()})
     log.features_s += time.perf_counter() - t0
-    t, train_log = learn_new_task(system, specs, train, progress, step=len(system.tasks))
-    log.train_s.append(train_log.seconds)
-    test_sets = _earlier_test_sets(system, progress, echo)
-    test_sets[t] = new_test
-    t0 = time.perf_counter()
+    log.tasks += [tuple(display_name(s) for s in specs) for specs in jobs.values()]
+    log.task_specs = [*(log.task_specs or []), *(tuple(specs) for specs in jobs.values())]
     names = {r.index: r.classes for r in system.tasks}
-    per_task, scores = evaluate_seen(system, test_sets, names)
-    log.eval_s += time.perf_counter() - t0
-    log.tasks.append(tuple(display_name(s) for s in specs))
-    log.task_specs = [*(log.task_specs or []), tuple(specs)]
-    log.add_step(Step(t, per_task, train_log))
-    save_system(system, model_dir, new_tasks=[t])
-    results = _write(run, log, cfg, system)
-    echo(step_line(results.steps[-1]))
+    del log.steps[first:]
+    scores = _evaluate_steps(system, test_sets, names, logs, log, first, echo)
+    results = _write(run, log, system.cfg, system)
+    checkpoint.clear_pending(model_dir)
     _plot(run, system, results, test_sets, scores, names)
     return results
 
 
-def _earlier_test_sets(system: System, progress: bool, echo) -> dict[int, FeatureSet | None]:
-    """Test features of every task but the last; a task whose test data is gone is noted and skipped."""
+def _check_new_classes(system: System, tasks: list[list[str]], model_dir: Path) -> None:
+    known = {c for r in system.tasks for c in r.specs} | {c for r in system.tasks for c in r.classes}
+    for s in [s for specs in tasks for s in specs]:
+        if s in known or display_name(s) in known:
+            raise ConfigError(f"class '{s}' is already a task of {model_dir}, or twice among the new ones; add-task takes "
+                              "classes the model has not learned")
+        known |= {s, display_name(s)}
+
+
+def _evaluate_steps(system: System, test_sets: dict[int, FeatureSet | None], names: dict[int, list[str]],
+                    logs: dict[int, TrainLog], log: RunLog, first: int, echo) -> dict[int, Scores]:
+    """The steps after tasks first, first+1, … as a sequential run evaluates them: every task learned by
+    then, routed among those tasks only (`first_tasks`), with the task's training log."""
+    scores: dict[int, Scores] = {}
+    t0 = time.perf_counter()
+    del log.train_s[first:]
+    for k in range(first, len(system.tasks)):
+        seen = {t: fs for t, fs in test_sets.items() if t <= k}
+        per_task, scores = evaluate_seen(first_tasks(system, k), seen, {t: names[t] for t in seen})
+        train_log = logs.get(k, TrainLog())
+        log.train_s.append(train_log.seconds)
+        log.add_step(Step(k, per_task, train_log))
+        echo(step_line(log.steps[-1]))
+    log.eval_s += time.perf_counter() - t0
+    return scores
+
+
+def _earlier_test_sets(system: System, first: int, progress: bool, echo) -> dict[int, FeatureSet | None]:
+    """Test features of the tasks before task `first`; a task whose test data is gone is noted and skipped."""
     test_sets: dict[int, FeatureSet | None] = {}
-    for rec in system.tasks[:-1]:
+    for rec in system.tasks[:first]:
         try:
             test_sets[rec.index] = task_features(system, list(rec.specs), "test", progress)
         except (ConfigError, ValueError, FileNotFoundError) as exc:
             echo(f"note: task {rec.index} ({'+'.join(rec.classes)}) not evaluated: {exc}")
             test_sets[rec.index] = None
     return test_sets
+
+
+def run_fit_parallel(cfg: Config, run_dir: Path, address: str, progress: bool = True, echo=print, resume: bool = False) -> RunResults:
+    """`run_fit` with every task after the first learned as its own Ray task (parallel.py): the same task
+    files and results. The manifest switches once, after the last task; `resume=True` keeps the tasks an
+    interrupted run wrote."""
+    if cfg.method != "moleflow":
+        raise ConfigError(f"--ray learns the tasks of method: moleflow side by side; '{cfg.method}' trains one model step after step")
+    run = RunDir(Path(run_dir)).create()
+    tasks = resolve_tasks(cfg)
+    state = _resume_state(cfg, run, tasks, echo) if resume else None
+    if state is None:
+        if (run.model / checkpoint.MANIFEST).is_file():
+            raise ConfigError(f"{run.path} holds a model already; continue it with --resume or use a new --out")
+        if resume and checkpoint.read_pending(run.model) is not None:
+            _check_same_config(cfg, run.read_config(), run.path)
+        else:
+            checkpoint.clear_pending(run.model)
+        run.save_config(cfg)
+        seed_everything(cfg.train.seed)  # as run_fit (a worker builds the shared flow the same way)
+        system, log = build_system(cfg), _new_log(cfg.method, tasks)
+    else:
+        system, log = state
+    jobs = {t: specs for t, specs in enumerate(tasks) if t >= len(system.tasks)}
+    logs = learn_tasks(system, run.model, jobs, address, echo)
+    save_system(system, run.model, new_tasks=[])  # the manifest switches once, with every task
+    t0 = time.perf_counter()
+    test_sets: dict[int, FeatureSet | None] = {t: task_features(system, specs, "test", progress) for t, specs in enumerate(tasks)}
+    log.features_s += time.perf_counter() - t0
+    names = {t: [display_name(s) for s in specs] for t, specs in enumerate(tasks)}
+    scores = _evaluate_steps(system, test_sets, names, logs, log, len(log.steps), echo)
+    results = _write(run, log, cfg, system)
+    checkpoint.clear_pending(run.model)
+    _plot(run, system, results, test_sets, scores, names)
+    return results
 
 
 def run_evaluate(model_dir: Path, cfg: Config | None, run_dir: Path, progress: bool = True, echo=print) -> RunResults:

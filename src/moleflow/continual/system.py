@@ -10,6 +10,7 @@ from the same random state as an uninterrupted run.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,9 +128,13 @@ def _train(system: System, t: int, specs: list[str], train: FeatureSet, progress
     return TaskRecord(t, [display_name(s) for s in specs], threshold, list(specs), map_low), info
 
 
-def learn_new_task(system: System, specs: list[str], train: FeatureSet, progress: bool, step: int) -> tuple[int, TrainLog]:
-    """Add a task to the model and router and train only its modules (and, for task 0, the shared ones)."""
-    t = len(system.tasks)
+def learn_new_task(system: System, specs: list[str], train: FeatureSet, progress: bool, step: int,
+                   index: int | None = None) -> tuple[int, TrainLog]:
+    """Add a task to the model and router and train only its modules (and, for task 0, the shared ones).
+
+    The task gets the next index, or `index` (a parallel worker learns task k without tasks 1…k-1: a
+    task's training reads only the shared weights and its own modules, so the result is the same)."""
+    t = len(system.tasks) if index is None else index
     seed_everything(system.cfg.train.seed + step)
     system.model.add_task(t)
     held = calibration_index(len(train), system.cfg.scoring.calibration_holdout, _calibration_seed(system, t))
@@ -163,14 +168,32 @@ def remember_gradients(system: System, t: int, train: FeatureSet) -> None:
     system.memory.add(grads)
 
 
+def task_file_tensors(system: System, t: int) -> dict[str, torch.Tensor]:
+    """What task t's file holds: its modules' tensors and its router prototype."""
+    return {**system.model.task_state_dict(t), **system.router.prototypes[t].to_tensors()}
+
+
+def attach_task(system: System, record: TaskRecord, tensors: dict[str, torch.Tensor]) -> None:
+    """Add a learned task (its record and its file's tensors) to the system."""
+    router_part = {k: v for k, v in tensors.items() if k.startswith("router.")}
+    model_part = {k: v for k, v in tensors.items() if not k.startswith("router.")}
+    system.model.load_task_state_dict(record.index, model_part)
+    system.router.set_prototype(record.index, Prototype.from_tensors(router_part))
+    system.tasks.append(record)
+
+
+def first_tasks(system: System, k: int) -> System:
+    """A view of the system as it was after learning task k: tasks 0…k, routed among themselves (later
+    tasks' modules stay in the model, unused: complete separation)."""
+    router = TaskRouter(system.router.cfg)
+    router.prototypes = {t: p for t, p in system.router.prototypes.items() if t <= k}
+    return dataclasses.replace(system, router=router, tasks=[r for r in system.tasks if r.index <= k])
+
+
 def save_system(system: System, model_dir: Path, new_tasks: list[int] | None = None) -> dict:
     """Write the model; only `new_tasks` (default: all) get their task files (re)written."""
     new = range(len(system.tasks)) if new_tasks is None else new_tasks
-    task_tensors = {}
-    for t in new:
-        tensors = dict(system.model.task_state_dict(t))
-        tensors.update(system.router.prototypes[t].to_tensors())
-        task_tensors[t] = tensors
+    task_tensors = {t: task_file_tensors(system, t) for t in new}
     return checkpoint.write_model(
         model_dir,
         config=config_to_dict(system.cfg),
@@ -178,7 +201,7 @@ def save_system(system: System, model_dir: Path, new_tasks: list[int] | None = N
         channels=system.extractor.out_channels,
         grid=system.extractor.grid,
         shared=system.model.shared_state_dict(),
-        tasks=[TaskRecord(r.index, r.classes, r.threshold, r.specs, r.map_low) for r in system.tasks],
+        tasks=[TaskRecord(r.index, r.classes, r.threshold, r.specs, r.map_low, r.file, r.sha256) for r in system.tasks],
         task_tensors=task_tensors,
     )
 
@@ -204,14 +227,9 @@ def load_system(model_dir: Path, cfg: Config | None = None) -> System:
         raise CheckpointError(f"{model_dir}: feature dimensions differ from the model's ({manifest['channels']} channels, grid {manifest['grid']})")
     system.model.load_shared_state_dict(checkpoint.read_checked(model_dir, manifest["shared"]))
     for entry in manifest["tasks"]:
-        tensors = checkpoint.read_checked(model_dir, entry)
-        router_part = {k: v for k, v in tensors.items() if k.startswith("router.")}
-        model_part = {k: v for k, v in tensors.items() if not k.startswith("router.")}
-        system.model.load_task_state_dict(entry["index"], model_part)
-        system.router.set_prototype(entry["index"], Prototype.from_tensors(router_part))
-        system.tasks.append(
-            TaskRecord(entry["index"], entry["classes"], entry["threshold"], entry["specs"], entry["map_low"], entry["file"], entry["sha256"])
-        )
+        record = TaskRecord(entry["index"], entry["classes"], entry["threshold"], entry["specs"], entry["map_low"],
+                            entry["file"], entry["sha256"])
+        attach_task(system, record, checkpoint.read_checked(model_dir, entry))
     system.model.to(system.device).eval()
     return system
 

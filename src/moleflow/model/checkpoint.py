@@ -28,6 +28,7 @@ from moleflow.atomic import atomic_write_bytes, atomic_write_text
 FORMAT = "moleflow-model"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+PENDING = "pending.json"  # tasks written by a parallel run whose manifest has not switched yet
 
 
 class CheckpointError(RuntimeError):
@@ -122,9 +123,10 @@ def write_model(
             rec.file, rec.sha256 = written["file"], written["sha256"]
         else:
             prev = old_tasks.get(rec.index)
-            if prev is None:
+            if prev is not None:
+                rec.file, rec.sha256 = prev["file"], prev["sha256"]
+            elif not (rec.file and (model_dir / rec.file).is_file()):  # written before by `write_task_file`
                 raise CheckpointError(f"task {rec.index} has neither new tensors nor a file in {model_dir}")
-            rec.file, rec.sha256 = prev["file"], prev["sha256"]
         entries.append({"index": rec.index, "classes": rec.classes, "specs": rec.specs or rec.classes,
                         "threshold": rec.threshold, "map_low": rec.map_low, "file": rec.file, "sha256": rec.sha256})
 
@@ -146,6 +148,43 @@ def write_model(
             if entry["file"] not in listed:
                 (model_dir / entry["file"]).unlink(missing_ok=True)
     return manifest
+
+
+def write_task_file(model_dir: Path, rec: TaskRecord, tensors: dict[str, torch.Tensor]) -> None:
+    """Write a new task's file (the bytes `write_model` would write) ahead of the manifest, and set
+    `rec.file` / `rec.sha256`; a later `write_model` listing `rec` without tensors keeps the file."""
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    data = _tensor_bytes(tensors, {"classes": json.dumps(rec.classes)})
+    rec.file, rec.sha256 = f"task_{rec.index:03d}.safetensors", sha256_bytes(data)
+    atomic_write_bytes(model_dir / rec.file, data)
+
+
+def write_shared_file(model_dir: Path, shared: dict[str, torch.Tensor]) -> dict:
+    """Write a new model's shared flow ahead of the manifest (the bytes `write_model` writes); its entry."""
+    data = _tensor_bytes(shared)
+    Path(model_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(Path(model_dir) / "shared.safetensors", data)
+    return {"file": "shared.safetensors", "sha256": sha256_bytes(data)}
+
+
+def read_pending(model_dir: Path) -> dict | None:
+    """The journal of a parallel run that was stopped before its manifest switched, or None."""
+    path = Path(model_dir) / PENDING
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is corrupt ({exc}); delete it to start the parallel run's tasks over") from None
+
+
+def write_pending(model_dir: Path, journal: dict) -> None:
+    atomic_write_text(Path(model_dir) / PENDING, json.dumps(journal, indent=2))
+
+
+def clear_pending(model_dir: Path) -> None:
+    (Path(model_dir) / PENDING).unlink(missing_ok=True)
 
 
 def _write_unless_unchanged(model_dir: Path, stem: str, data: bytes, prev: dict | None) -> dict:
