@@ -12,7 +12,7 @@ install: $(VENV)/.installed
 # torch/torchvision are pinned in pyproject.toml (2.14.1 / 0.29.1): pip takes them from local disk.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[test]"
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[test,ray]"
 	touch $@
 
 demo: install

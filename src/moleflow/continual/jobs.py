@@ -15,7 +15,7 @@ from pathlib import Path
 from moleflow.config import Config, ConfigError, config_to_dict
 from moleflow.continual.evaluate import evaluate_task
 from moleflow.continual.methods import METHODS
-from moleflow.continual.parallel import learn_tasks
+from moleflow.continual.parallel import learn_tasks, ray_module
 from moleflow.continual.scenario import display_name, resolve_tasks
 from moleflow.continual.system import (
     System,
@@ -206,6 +206,8 @@ def run_add_task(model_dir: Path, tasks: list[list[str]], roots: dict[str, str],
     another, or with `ray` (a cluster address, parallel.py) side by side. Then evaluate as the steps of
     a sequential run: after each new task, every task known by then, routed."""
     model_dir = Path(model_dir)
+    if ray is not None:
+        ray_module()
     system = load_system(model_dir)
     if not METHODS[system.cfg.method].extendable:
         raise ConfigError(f"{model_dir} is a '{system.cfg.method}' baseline; add-task needs a model trained with method: moleflow")
@@ -288,6 +290,7 @@ def run_fit_parallel(cfg: Config, run_dir: Path, address: str, progress: bool = 
     interrupted run wrote."""
     if cfg.method != "moleflow":
         raise ConfigError(f"--ray learns the tasks of method: moleflow side by side; '{cfg.method}' trains one model step after step")
+    ray_module()
     run = RunDir(Path(run_dir)).create()
     tasks = resolve_tasks(cfg)
     state = _resume_state(cfg, run, tasks, echo) if resume else None

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from threadpoolctl import threadpool_limits
 
 from moleflow.config import Config, ConfigError, config_from_dict, config_to_dict
 from moleflow.continual.system import System, attach_task, build_system, learn_new_task, task_features, task_file_tensors
@@ -42,14 +43,20 @@ class LearnedTask:
     skipped: list[tuple[str, str]]  # images left out by data.skip_bad
 
 
-def connect(address: str) -> Any:
-    """The `ray` module, connected: `local` starts a cluster on this machine (every core a slot), `auto`
-    joins the cluster this machine belongs to, anything else is a cluster address (host:6379 or
-    ray://host:10001)."""
+def ray_module() -> Any:
+    """The `ray` module, or a ConfigError that says how to install it (checked before a job writes anything)."""
     try:
         import ray
     except ImportError:
         raise ConfigError(INSTALL_HINT) from None
+    return ray
+
+
+def connect(address: str) -> Any:
+    """The `ray` module, connected: `local` starts a cluster on this machine (every core a slot), `auto`
+    joins the cluster this machine belongs to, anything else is a cluster address (host:6379 or
+    ray://host:10001)."""
+    ray = ray_module()
     if not ray.is_initialized():
         options = {"include_dashboard": False, "logging_level": "warning", "configure_logging": True}
         try:
@@ -77,7 +84,11 @@ def learn_task(cfg_tree: dict, shared: dict[str, torch.Tensor] | None, index: in
     built as `run_fit` builds it, the shared flow loaded from `shared` (None: this is task 0, which
     trains it)."""
     torch.set_num_threads(1)
-    cfg = config_from_dict(cfg_tree)
+    with threadpool_limits(1):  # NumPy's BLAS too (the router's covariance): one thread, whatever the node has
+        return _learn_task(config_from_dict(cfg_tree), shared, index, specs)
+
+
+def _learn_task(cfg: Config, shared: dict[str, torch.Tensor] | None, index: int, specs: list[str]) -> LearnedTask:
     seed_everything(cfg.train.seed)  # as run_fit: the shared flow's initialisation
     system = build_system(cfg)
     if shared is not None:
