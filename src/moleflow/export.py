@@ -9,7 +9,8 @@
 Routing stays the PyTorch router of the model directory (a few matrix products on the descriptors), so
 an exported model routes exactly as the original. Exporting again after `add-task` writes only the new
 task's file; the others stay byte-identical. `OnnxScorer` runs the files with ONNX Runtime or OpenVINO
-(which reads ONNX; compiled for f32) behind the same interface as `Scorer.score_images`.
+(which reads ONNX; compiled for f32) behind the same interface as `Scorer.score_images` (`ChainScorer`,
+which benchmarks/speed.py also feeds with torch.compile'd, bf16 and int8 versions of the same functions).
 """
 from __future__ import annotations
 
@@ -93,9 +94,10 @@ def export_onnx(system: System, model_dir: Path, out: Path) -> dict:
 
 
 RUNTIMES = ("onnx", "openvino")
+Session = Callable[[dict[str, np.ndarray]], list[np.ndarray]]  # feeds -> outputs
 
 
-def _session(path: Path, runtime: str) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
+def _session(path: Path, runtime: str) -> Session:
     """One exported file as a function feeds -> outputs, on ONNX Runtime or OpenVINO (which reads ONNX)."""
     if runtime == "onnx":
         import onnxruntime as ort
@@ -109,22 +111,17 @@ def _session(path: Path, runtime: str) -> Callable[[dict[str, np.ndarray]], list
     return lambda feeds: [np.asarray(v) for v in compiled(feeds).values()]
 
 
-class OnnxScorer:
-    """`Scorer.score_images` on the exported files with ONNX Runtime or OpenVINO (routing by the PyTorch router)."""
+class ChainScorer:
+    """`Scorer.score_images` over a backbone function (feeds {"images"} -> [patches, descriptors]) and one
+    scoring-chain function per task (feeds {"patches"} -> [image score, map, patch scores]), NumPy in and
+    out, routing by the PyTorch router. OnnxScorer's functions are the exported files on a runtime;
+    benchmarks/speed.py gives it other versions of the same functions (torch.compile, bf16, int8)."""
 
-    def __init__(self, export_dir: Path, router: TaskRouter, runtime: str = "onnx") -> None:
-        if runtime not in RUNTIMES:
-            raise ConfigError(f"export runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
-        export_dir = Path(export_dir)
-        manifest = json.loads((export_dir / MANIFEST).read_text())
-        if manifest.get("format") != FORMAT:
-            raise ConfigError(f"{export_dir / MANIFEST} is not a moleflow ONNX export")
-        self.backbone = _session(export_dir / manifest["backbone"], runtime)
-        self.tasks = {e["index"]: _session(export_dir / e["file"], runtime) for e in manifest["tasks"]}
-        missing = sorted(set(router.prototypes) - set(self.tasks))
+    def __init__(self, backbone: Session, tasks: dict[int, Session], router: TaskRouter, image_size: int) -> None:
+        missing = sorted(set(router.prototypes) - set(tasks))
         if missing:
-            raise ConfigError(f"{export_dir} lacks the tasks {missing} of the model; export it again (moleflow export)")
-        self.router, self.image_size = router, manifest["image_size"]
+            raise ConfigError(f"no scoring chain for the tasks {missing} of the router")
+        self.backbone, self.tasks, self.router, self.image_size = backbone, tasks, router, image_size
 
     def score_images(self, images: torch.Tensor, names: list[str] | None = None) -> Scores:
         names = names or [f"image {i} of the batch" for i in range(len(images))]
@@ -141,3 +138,20 @@ class OnnxScorer:
             require_finite(torch.from_numpy(s_patch), [names[i] for i in idx.tolist()], f"anomaly scores under task {t}")
             image[idx], maps[idx], patch[idx] = torch.from_numpy(s_img), torch.from_numpy(s_map), torch.from_numpy(s_patch)
         return Scores(routed, image, patch, maps)
+
+
+class OnnxScorer(ChainScorer):
+    """`Scorer.score_images` on the exported files with ONNX Runtime or OpenVINO (routing by the PyTorch router)."""
+
+    def __init__(self, export_dir: Path, router: TaskRouter, runtime: str = "onnx") -> None:
+        if runtime not in RUNTIMES:
+            raise ConfigError(f"export runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+        export_dir = Path(export_dir)
+        manifest = json.loads((export_dir / MANIFEST).read_text())
+        if manifest.get("format") != FORMAT:
+            raise ConfigError(f"{export_dir / MANIFEST} is not a moleflow ONNX export")
+        tasks = {e["index"]: _session(export_dir / e["file"], runtime) for e in manifest["tasks"]}
+        missing = sorted(set(router.prototypes) - set(tasks))
+        if missing:
+            raise ConfigError(f"{export_dir} lacks the tasks {missing} of the model; export it again (moleflow export)")
+        super().__init__(_session(export_dir / manifest["backbone"], runtime), tasks, router, manifest["image_size"])
