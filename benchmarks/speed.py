@@ -32,6 +32,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
 import platform
 import resource
@@ -50,6 +51,7 @@ from moleflow.config import Config, ConfigError, load_config
 from moleflow.data import IMAGE_EXTENSIONS, MPDD_CLASSES, MVTEC_CLASSES, DatasetError, ImageDataset, build_dataset, load_image
 from moleflow.features.cache import FeatureSet, extract_features
 from moleflow.continual.system import System, build_system, learn_new_task, task_features
+from moleflow.router import UNKNOWN
 from moleflow.scoring import anomaly_map, image_score, patch_scores
 from moleflow.continual.train import seed_everything
 
@@ -235,26 +237,317 @@ def mixed_images(system: System, category_images: torch.Tensor, specs: list[str]
     return torch.stack(picks[:n])
 
 
-# --------------------------------------------------------------------------- the whole measurement
+# --------------------------------------------------------------------------- runtime variants (issue 15)
+
+# Groups of variants beside PyTorch f32 and the f32 exports (--variants; the default runs them all).
+VARIANT_GROUPS = ("compile", "bf16", "int8", "openvino-int8")
+# Issue 15's parity: image scores within 1e-4 relative of PyTorch f32, verdicts and routed task
+# identical, maps within 1e-3. Float32 maps reach values in the thousands, where even the f32 ONNX
+# export misses 1e-3 absolute, so a map is judged relative to its own scale (max |map|); both reported.
+PARITY_SCORE_REL = 1e-4
+PARITY_MAP_ABS = 1e-3
+PARITY_MAP_REL = 1e-3
+CALIBRATION_IMAGES = 32  # int8: training images of the category (never the timed test images)
 
 
-def exported_runtimes(t1_system: System, system: System, tmp: Path) -> dict[tuple[str, int], object]:
-    """(runtime, tasks) -> the scorer of the ONNX export of the 1-task and the T-task system, for each
-    installed runtime (ONNX Runtime, OpenVINO): the same predict path as `Detector.load(runtime=...)`."""
+def _numpy_out(outputs: tuple[torch.Tensor, ...]) -> list:
+    return [t.detach().float().cpu().numpy() for t in outputs]
+
+
+def torch_session(module: torch.nn.Module, key: str, bf16: bool = False) -> Callable[[dict], list]:
+    """A torch module as a ChainScorer function (feeds -> NumPy outputs), under bf16 autocast if asked."""
+    def run(feeds: dict) -> list:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return _numpy_out(module(torch.from_numpy(feeds[key])))
+    return run
+
+
+def merged_model(model: torch.nn.Module, task: int) -> torch.nn.Module:
+    """A copy of the model whose LoRA layers are plain nn.Linear with task `task`'s merged weights (the
+    same numbers as the LoRA merge cache): torch.compile then sees one graph without the cache's
+    Python bookkeeping, which it cannot trace (data pointers, tensor versions)."""
+    from moleflow.model.lora import LoRALinear
+
+    out = copy.deepcopy(model)
+    with torch.no_grad(), out.use_task(task):
+        for name, layer in list(out.named_modules()):
+            if isinstance(layer, LoRALinear):
+                w, b = layer.effective_weight_and_bias()
+                linear = torch.nn.Linear(layer.in_features, layer.out_features).to(w)
+                linear.weight.copy_(w)
+                linear.bias.copy_(b)
+                parent, _, leaf = name.rpartition(".")
+                setattr(out.get_submodule(parent), leaf, linear)
+    return out
+
+
+def torch_chains(system: System, merged: bool = False) -> dict[int, torch.nn.Module]:
+    """One scoring chain per task (export.TaskChain, what the ONNX files hold), eager or LoRA-merged."""
+    from moleflow.export import TaskChain
+
+    size = system.cfg.data.image_size
+    return {r.index: TaskChain(merged_model(system.model, r.index) if merged else system.model, r.index,
+                               system.cfg.scoring, size).eval() for r in system.tasks}
+
+
+def compile_scorers(systems: dict[int, System]) -> dict[int, object]:
+    """torch.compile (inductor, freezing: weights folded as constants, the CPU inference setting) of the
+    backbone and of each task's LoRA-merged scoring chain; compilation happens at the first call."""
+    import torch._dynamo
+    import torch._inductor.config
+
+    from moleflow.export import ChainScorer
+
+    torch._inductor.config.freezing = True
+    torch._dynamo.config.recompile_limit = 256  # one graph per task chain (and batch size)
+    torch._dynamo.config.cache_size_limit = 256
+    first = next(iter(systems.values()))
+    backbone = torch_session(torch.compile(first.extractor.eval()), "images")  # shared by the systems
+    return {n: ChainScorer(backbone, {t: torch_session(torch.compile(c), "patches") for t, c in torch_chains(s, True).items()},
+                           s.router, s.cfg.data.image_size) for n, s in systems.items()}
+
+
+def bf16_scorers(systems: dict[int, System], chain_too: bool) -> dict[int, object]:
+    """PyTorch under torch.autocast("cpu", bfloat16): the backbone, and with `chain_too` the flow chain."""
+    from moleflow.export import ChainScorer
+
+    return {n: ChainScorer(torch_session(s.extractor.eval(), "images", True),
+                           {t: torch_session(c, "patches", chain_too) for t, c in torch_chains(s).items()},
+                           s.router, s.cfg.data.image_size) for n, s in systems.items()}
+
+
+def openvino_session(model: object, precision: str = "f32") -> Callable[[dict], list]:
+    """An ONNX file or an openvino.Model compiled for the CPU at INFERENCE_PRECISION_HINT `precision`."""
+    import numpy as np
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(model) if isinstance(model, Path) else model, "CPU",
+                                       {"INFERENCE_PRECISION_HINT": precision})
+    return lambda feeds: [np.asarray(v) for v in compiled(feeds).values()]
+
+
+def _onnx_manifest(folder: Path) -> dict:
+    return json.loads((folder / "export.json").read_text())
+
+
+def onnx_int8_folder(src: Path, dst: Path, calib_images: torch.Tensor | None, chains: bool, cache: dict) -> Path:
+    """A copy of the export `src` in `dst` with onnxruntime.quantization int8 files: the backbone static
+    when `calib_images` are given (QDQ, per-channel int8 weights, uint8 activations calibrated on them,
+    of Conv and MatMul), the task chains dynamic (int8 MatMul weights, activations quantized per call)
+    with `chains`; the other files stay f32. `cache` keeps each quantized file by its source's content."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter({"images": calib_images[i : i + 8].numpy()} for i in range(0, len(calib_images), 8))
+
+        def get_next(self) -> dict | None:
+            return next(self.feeds, None)
+
+    dst.mkdir(parents=True)
+    (dst / "export.json").write_text((src / "export.json").read_text())
+    manifest = _onnx_manifest(src)
+    for file, quantize in [(manifest["backbone"], calib_images is not None), *[(e["file"], chains) for e in manifest["tasks"]]]:
+        data = (src / file).read_bytes()
+        if not quantize:
+            (dst / file).write_bytes(data)
+            continue
+        key = (file == manifest["backbone"], hashlib.sha256(data).hexdigest())
+        if key not in cache:
+            out = dst.parent / f"int8_{key[1][:16]}_{file}"
+            if key[0]:
+                # Conv and MatMul only: quantizing the float arithmetic on shapes (the resize of the deeper
+                # layer to the patch grid) would change the grid.
+                quantize_static(str(src / file), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                op_types_to_quantize=["Conv", "MatMul", "Gemm"])
+            else:
+                quantize_dynamic(str(src / file), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+            cache[key] = out.read_bytes()
+        (dst / file).write_bytes(cache[key])
+    return dst
+
+
+def openvino_int8_sessions(folder: Path, calib_images: torch.Tensor, calib_patches: dict[int, torch.Tensor] | None,
+                           cache: dict) -> tuple[Callable, dict[int, Callable]]:
+    """NNCF post-training int8 (nncf.quantize, default preset) of the backbone, and of each task chain
+    when `calib_patches` (task -> its training patches) are given, on OpenVINO; the rest f32."""
+    import nncf
+    import openvino as ov
+
+    def quantized(file: str, samples: list[dict]) -> Callable:
+        key = hashlib.sha256((folder / file).read_bytes()).hexdigest()
+        if key not in cache:
+            model = ov.Core().read_model(str(folder / file))
+            cache[key] = nncf.quantize(model, nncf.Dataset(samples), subset_size=len(samples))
+        return openvino_session(cache[key])
+
+    manifest = _onnx_manifest(folder)
+    backbone = quantized(manifest["backbone"], [{"images": calib_images[i : i + 1].numpy()} for i in range(len(calib_images))])
+    tasks = {}
+    for e in manifest["tasks"]:
+        if calib_patches is None:
+            tasks[e["index"]] = openvino_session(folder / e["file"])
+        else:
+            p = calib_patches[e["index"]].float()
+            tasks[e["index"]] = quantized(e["file"], [{"patches": p[i : i + 1].numpy()} for i in range(len(p))])
+    return backbone, tasks
+
+
+def variant_builders(systems: dict[int, System], folders: dict[int, Path], groups: set[str], tmp: Path,
+                     calib_images: torch.Tensor | None, calib_patches: dict[int, torch.Tensor] | None,
+                     notes: list[str]) -> dict[str, Callable[[], dict[int, object]]]:
+    """name -> a function building that runtime's scorer of each system (tasks -> scorer), for the
+    installed runtimes and the asked `groups`; what cannot run here is said in `notes`."""
     import importlib.util
 
-    from moleflow.export import OnnxScorer, export_onnx
+    from moleflow.export import ChainScorer, OnnxScorer
 
-    out: dict[tuple[str, int], object] = {}
-    for rt, module in (("onnx", "onnxruntime"), ("openvino", "openvino")):
-        if importlib.util.find_spec(module) is None:
-            continue
-        for sys_, n in ((t1_system, 1), (system, len(system.tasks))):
-            folder = tmp / f"T{n}"
-            if not (folder / "export.json").is_file():
-                export_onnx(sys_, folder, folder)
-            out[(rt, n)] = OnnxScorer(folder, sys_.router, rt)
+    def has(module: str) -> bool:
+        return importlib.util.find_spec(module) is not None
+
+    def each(make: Callable[[int, Path], object]) -> Callable[[], dict[int, object]]:
+        return lambda: {n: make(n, f) for n, f in folders.items()}
+
+    def chains(n: int, backbone: Callable, tasks: dict[int, Callable]) -> object:
+        return ChainScorer(backbone, tasks, systems[n].router, systems[n].cfg.data.image_size)
+
+    out: dict[str, Callable[[], dict[int, object]]] = {}
+    if "compile" in groups:
+        out["torch-compile"] = lambda: compile_scorers(systems)
+    if "bf16" in groups:
+        out["torch-bf16-backbone"] = lambda: bf16_scorers(systems, chain_too=False)
+        out["torch-bf16"] = lambda: bf16_scorers(systems, chain_too=True)
+    if has("onnxruntime"):
+        out["onnx"] = each(lambda n, f: OnnxScorer(f, systems[n].router, "onnx"))
+        cache: dict = {}
+        for name, bb, ch in (("onnx-int8-backbone", True, False), ("onnx-int8-chain", False, True), ("onnx-int8", True, True)):
+            if "int8" in groups:
+                out[name] = each(lambda n, f, name=name, bb=bb, ch=ch: OnnxScorer(
+                    onnx_int8_folder(f, tmp / name / f.name, calib_images if bb else None, ch, cache), systems[n].router, "onnx"))
+    elif "int8" in groups:
+        notes.append("int8 (onnxruntime.quantization) left out: onnxruntime is not installed")
+    if has("openvino"):
+        out["openvino"] = each(lambda n, f: OnnxScorer(f, systems[n].router, "openvino"))
+        if "bf16" in groups:
+            out["openvino-bf16"] = each(lambda n, f: chains(n, openvino_session(f / "backbone.onnx", "bf16"), {
+                e["index"]: openvino_session(f / e["file"], "bf16") for e in _onnx_manifest(f)["tasks"]}))
+        if "openvino-int8" in groups and has("nncf"):
+            ov_cache: dict = {}
+            out["openvino-int8-backbone"] = each(lambda n, f: chains(n, *openvino_int8_sessions(f, calib_images, None, ov_cache)))
+            out["openvino-int8"] = each(lambda n, f: chains(n, *openvino_int8_sessions(f, calib_images, calib_patches, ov_cache)))
+        elif "openvino-int8" in groups:
+            notes.append("OpenVINO int8 left out: it needs the package nncf (pip install nncf)")
     return out
+
+
+def runtime_variants(builders: dict[str, Callable[[], dict[int, object]]], batch: torch.Tensor,
+                     notes: list[str]) -> tuple[dict[tuple[str, int], object], dict[str, float]]:
+    """Build every variant and call each scorer once on `batch`: (name, tasks) -> scorer, and name ->
+    setup seconds (building: compiling, quantizing, loading; plus that first call, where torch.compile
+    compiles). A variant that fails to build is left out with a note (the others still run)."""
+    scorers: dict[tuple[str, int], object] = {}
+    setup: dict[str, float] = {}
+    for name, build in builders.items():
+        log(f"setting up {name} ...")
+        start = time.perf_counter()
+        try:
+            built = build()
+            for sc in built.values():
+                sc.score_images(batch)
+        except Exception as exc:  # noqa: BLE001 - an optional variant: report it and go on
+            notes.append(f"{name} left out: it failed to set up ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})")
+            continue
+        setup[name] = time.perf_counter() - start
+        scorers.update({(name, n): sc for n, sc in built.items()})
+    return scorers, setup
+
+
+def parity_part(ref, got, thresholds: dict[int, float]) -> dict:
+    """One batch of a variant against PyTorch f32: counts of identical routes and verdicts, and the
+    largest image-score relative error and map errors over the images routed alike."""
+    tasks_same = ref.tasks == got.tasks
+
+    def verdicts(sc) -> list:
+        return [None if t == UNKNOWN else bool(v > thresholds[t]) for t, v in zip(sc.tasks.tolist(), sc.image.tolist())]
+
+    k = (tasks_same & (ref.tasks != UNKNOWN)).nonzero().squeeze(1)
+    part = {"images": len(ref.tasks), "tasks_same": int(tasks_same.sum()),
+            "verdicts_same": sum(a == b for a, b in zip(verdicts(ref), verdicts(got))),
+            "score_rel_max": 0.0, "map_abs_max": 0.0, "map_rel_max": 0.0}
+    if len(k):
+        part["score_rel_max"] = float(((got.image[k] - ref.image[k]).abs() / ref.image[k].abs().clamp_min(1e-12)).max())
+        diff = (got.maps[k] - ref.maps[k]).abs().flatten(1).amax(1)
+        scale = ref.maps[k].abs().flatten(1).amax(1).clamp_min(1e-12)
+        part["map_abs_max"], part["map_rel_max"] = float(diff.max()), float((diff / scale).max())
+    return part
+
+
+def merge_parity(parts: list[dict]) -> dict:
+    """The parts of one variant together, and whether it keeps issue 15's parity."""
+    out = {key: sum(p[key] for p in parts) for key in ("images", "tasks_same", "verdicts_same")}
+    out.update({key: max(p[key] for p in parts) for key in ("score_rel_max", "map_abs_max", "map_rel_max")})
+    out["map_abs_ok"] = out["map_abs_max"] <= PARITY_MAP_ABS
+    out["keeps_parity"] = (out["tasks_same"] == out["images"] and out["verdicts_same"] == out["images"]
+                           and out["score_rel_max"] <= PARITY_SCORE_REL and out["map_rel_max"] <= PARITY_MAP_REL)
+    return out
+
+
+def variant_parity(scorers: dict[tuple[str, int], object], systems: dict[int, System], batches: dict[int, list[torch.Tensor]]) -> dict[str, dict]:
+    """name -> parity against PyTorch f32 (each system's own Scorer) over `batches` (tasks -> batches)."""
+    refs = {n: [systems[n].scorer.score_images(b) for b in bs] for n, bs in batches.items()}
+    parts: dict[str, list[dict]] = {}
+    for (name, n), sc in scorers.items():
+        thresholds = {r.index: r.threshold for r in systems[n].tasks}
+        parts.setdefault(name, []).extend(parity_part(ref, sc.score_images(b), thresholds) for ref, b in zip(refs[n], batches[n]))
+    return {name: merge_parity(p) for name, p in parts.items()}
+
+
+def export_folders(systems: dict[int, System], tmp: Path) -> dict[int, Path]:
+    """tasks -> the folder of the ONNX export (`moleflow export`) of that system, when torch.onnx can
+    export here (the export-based rows need it); {} otherwise."""
+    import importlib.util
+
+    from moleflow.export import export_onnx
+
+    if importlib.util.find_spec("onnx") is None:
+        return {}
+    out = {}
+    for n, sys_ in systems.items():
+        out[n] = tmp / f"T{n}"
+        export_onnx(sys_, out[n], out[n])
+    return out
+
+
+def category_train_images(category: Path, n: int) -> list[Path]:
+    """The first `n` training images of an MVTec-layout class (sorted): calibration data for int8."""
+    files = sorted(p for p in (Path(category) / "train").rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    return files[:n]
+
+
+def setup_runtimes(result: dict, category: Path, systems: dict[int, System], extra_sets: list[tuple[str, FeatureSet]],
+                   groups: set[str], batch: torch.Tensor, tmp: Path) -> dict[tuple[str, int], object]:
+    """Export the systems (tasks -> system), build every runtime variant of them, call each once:
+    (name, tasks) -> scorer. Fills result["export_s"], ["runtimes_setup_s"] and the notes."""
+    first = next(iter(systems.values()))
+    start = time.perf_counter()
+    folders = export_folders(systems, tmp)
+    result["export_s"] = time.perf_counter() - start
+    calib_images = calib_patches = None
+    if groups & {"int8", "openvino-int8"}:
+        calib_images = decode(category_train_images(category, CALIBRATION_IMAGES), first.cfg.data.image_size)
+        with torch.no_grad():
+            calib_patches = {0: first.extractor(calib_images)[0]}
+        # The timing tasks are tasks 1, 2, ... in the order of extra_sets: each calibrates on its own images.
+        calib_patches.update({i + 1: fs.patches[:CALIBRATION_IMAGES] for i, (_, fs) in enumerate(extra_sets)})
+    builders = variant_builders(systems, folders, groups, tmp, calib_images, calib_patches, result["notes"])
+    if not folders:
+        builders = {k: v for k, v in builders.items() if k.startswith("torch")}
+    scorers, result["runtimes_setup_s"] = runtime_variants(builders, batch, result["notes"])
+    return scorers
+
+
+# --------------------------------------------------------------------------- the whole measurement
 
 
 def measure(
@@ -269,6 +562,7 @@ def measure(
     extra_images: int = 10,
     extra_epochs: int = 1,
     mixed: bool = True,
+    variants: list[str] | tuple[str, ...] = VARIANT_GROUPS,
     progress: bool = False,
 ) -> dict:
     """Every figure of this benchmark, from one process; see the module docstring."""
@@ -319,8 +613,9 @@ def measure(
         mixed_batch = mixed_images(system, batch, list(extra_specs), images)
         calls[f"predict_T{n_tasks}_mixed"] = lambda: predict_batch(system, mixed_batch)
     export_tmp = tempfile.TemporaryDirectory()
-    runtimes = exported_runtimes(t1_system, system, Path(export_tmp.name))
-    for (rt, t), scorer in runtimes.items():
+    scorers = setup_runtimes(result, category, {1: t1_system, n_tasks: system}, extra_sets, set(variants), batch,
+                             Path(export_tmp.name))
+    for (rt, t), scorer in scorers.items():
         calls[f"{rt}_T{t}"] = (lambda sc: lambda: sc.score_images(batch))(scorer)
 
     log(f"timing {len(calls)} calls x ({warmup} warm-up + {repeats} rounds), batch {images} ...")
@@ -333,8 +628,11 @@ def measure(
         result[f"predict_img_s_T{n_tasks}_mixed"] = med[f"predict_T{n_tasks}_mixed"]
     result["rates_all_rounds"] = rates
     result["runtimes_img_s"] = {"torch": {"T1": med["predict_T1"], f"T{n_tasks}": med[f"predict_T{n_tasks}"]}}
-    for (rt, t) in runtimes:
-        result["runtimes_img_s"].setdefault(rt, {})[f"T{1 if t == 1 else n_tasks}"] = med[f"{rt}_T{t}"]
+    for (rt, t) in scorers:
+        result["runtimes_img_s"].setdefault(rt, {})[f"T{t}"] = med[f"{rt}_T{t}"]
+    log("parity of each runtime against PyTorch f32 ...")
+    batches = {1: [batch], n_tasks: [batch] + ([mixed_batch] if mixed_batch is not None else [])}
+    result["runtimes_parity"] = variant_parity(scorers, {1: t1_system, n_tasks: system}, batches)
     export_tmp.cleanup()
     result["predict_stages_ms_per_img_T1"] = predict_stages(t1_system, batch, repeats)
 
@@ -362,8 +660,35 @@ def measure(
         "device": str(system.device), "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "torch": torch.__version__,
         "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
         "load_avg_start": list(load_start), "load_avg_end": list(os.getloadavg()),
+        "mixed": mixed_batch is not None, "variants": list(variants),
     }
     return result
+
+
+def runtimes_table(r: dict) -> list[str]:
+    """The runtimes side by side: predict img/s at 1 and T tasks, setup seconds, parity with PyTorch f32."""
+    t = r["meta"]["tasks"]
+    par = r["runtimes_parity"]
+    n_img = next(iter(par.values()))["images"] if par else 0
+    lines = ["", f"runtimes side by side: predict img/s (median of the rounds), setup s = build + first call "
+             f"(export, quantization, compilation: not in img/s; the export itself {r.get('export_s', 0):.1f} s), "
+             f"parity against PyTorch f32 over {n_img} scored images (the batch at 1 and {t} tasks"
+             + (", the mixed batch)" if r["meta"].get("mixed") else ")"),
+             f"parity = routed task and verdict identical, image score rel <= {PARITY_SCORE_REL:g}, map rel <= "
+             f"{PARITY_MAP_REL:g} (map error / max |map|); map abs <= {PARITY_MAP_ABS:g} is shown apart ('abs!' where missed)",
+             f"{'runtime':<24} {'1 task':>8} {str(t) + ' tasks':>9} {'setup s':>8} {'score rel':>10} {'routed':>8} "
+             f"{'verdicts':>9} {'map abs':>9} {'map rel':>9}  parity",
+             "-" * 112]
+    for name, rates in r["runtimes_img_s"].items():
+        row = f"{name:<24} {rates.get('T1', float('nan')):>8.1f} {rates.get(f'T{t}', float('nan')):>9.1f}"
+        if name == "torch":
+            lines.append(row + f" {'-':>8} {'(the reference: f32 eager)':>48}")
+            continue
+        p = par[name]
+        lines.append(row + f" {r['runtimes_setup_s'][name]:>8.1f} {p['score_rel_max']:>10.1e} "
+                     f"{p['tasks_same']:>3}/{p['images']:<4} {p['verdicts_same']:>4}/{p['images']:<4} {p['map_abs_max']:>9.1e} "
+                     f"{p['map_rel_max']:>9.1e}  {'yes' if p['keeps_parity'] else 'NO'}{'' if p['map_abs_ok'] else ' (abs!)'}")
+    return lines
 
 
 def format_table(r: dict) -> str:
@@ -388,10 +713,6 @@ def format_table(r: dict) -> str:
     rate_row("backbone (features only)", "backbone")
     rate_row("predict, 1 task", "predict_T1")
     rate_row(f"predict, {t} tasks", f"predict_T{t}")
-    for rt in ("onnx", "openvino"):
-        if f"{rt}_T1" in r["rates_all_rounds"]:
-            rate_row(f"predict, 1 task, {rt} export", f"{rt}_T1")
-            rate_row(f"predict, {t} tasks, {rt} export", f"{rt}_T{t}")
     if f"predict_T{t}_mixed" in r["rates_all_rounds"]:
         rate_row(f"predict, {t} tasks, mixed batch", f"predict_T{t}_mixed")
     lines.append(f"{'train one task, ' + str(tb['n_images']) + ' images':<34} {r['train_s_200img']:>10.1f} s{epochs_note}")
@@ -407,6 +728,7 @@ def format_table(r: dict) -> str:
     ro = r["routing"]
     lines.append(f"routing: {t}-task batch on task 0: {ro[f'T{t}_batch_on_task0']:.0%}"
                  + (f"; mixed batch spans {ro[f'T{t}_mixed_distinct_tasks']} tasks" if f"T{t}_mixed_distinct_tasks" in ro else ""))
+    lines += runtimes_table(r)
     lines += ["", "issue 6 targets:"]
     q = r["ratios"]
 
@@ -438,6 +760,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extra", default=",".join(DEFAULT_EXTRA_SPECS), help="classes the extra timing tasks are cut from")
     parser.add_argument("--tasks", type=int, default=10, help="tasks of the many-task measurement (default 10)")
     parser.add_argument("--no-mixed", action="store_true", help="skip the mixed-batch row")
+    parser.add_argument("--variants", default=",".join(VARIANT_GROUPS),
+                        help="runtime variants beside PyTorch f32 and the f32 ONNX Runtime / OpenVINO exports, comma-separated "
+                             f"from {', '.join(VARIANT_GROUPS)}, or 'none' (default: all)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     parser.add_argument("--progress", action="store_true", help="progress bars (stderr)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default (use that for the figures)")
@@ -448,12 +773,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--epochs must be >= 1")
     if args.images < 1 or args.repeats < 1 or args.warmup < 0 or args.tasks < 2:
         parser.error("--images and --repeats must be >= 1, --warmup >= 0, --tasks >= 2")
+    groups = [] if args.variants.strip() == "none" else [v.strip() for v in args.variants.split(",") if v.strip()]
+    if set(groups) - set(VARIANT_GROUPS):
+        parser.error(f"--variants: unknown {', '.join(sorted(set(groups) - set(VARIANT_GROUPS)))} (choose from {', '.join(VARIANT_GROUPS)})")
     try:
         cfg = benchmark_config(args.category, args.epochs, args.set)
         result = measure(
             cfg, args.category.expanduser().resolve(), images=args.images, warmup=args.warmup, repeats=args.repeats,
             extra_specs=[s.strip() for s in args.extra.split(",") if s.strip()], extra_tasks=args.tasks - 1,
-            mixed=not args.no_mixed, progress=args.progress,
+            mixed=not args.no_mixed, variants=groups, progress=args.progress,
         )
     except (ConfigError, DatasetError, BackboneError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -19,6 +19,7 @@ from moleflow.config import Config
 from moleflow.data import build_dataset
 from moleflow.features.cache import extract_features
 from moleflow.continual.system import build_system, learn_new_task, task_features
+from moleflow.model.lora import LoRALinear
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -52,8 +53,8 @@ def tiny_root(tmp_path_factory) -> Path:
 def test_speed_json_has_every_figure(speed, tiny_root, capsys):
     code = speed.main([
         "--json", "--category", str(tiny_root / "bottle"), "--epochs", "1", "--images", "4", "--warmup", "1",
-        "--repeats", "2", "--tasks", "3", "--extra", "grid", *[a for s in TINY for a in ("--set", s)],
-    ])
+        "--repeats", "2", "--tasks", "3", "--extra", "grid", "--variants", "bf16,int8", *[a for s in TINY for a in ("--set", s)],
+    ])  # torch.compile (~1 min of compiling) is left out here: test_compile_variant_chain_is_the_models below
     assert code == 0
     result = json.loads(capsys.readouterr().out)  # stdout holds exactly one JSON object
     rounds = {"backbone_img_s": "backbone", "predict_img_s_T1": "predict_T1", "predict_img_s_T3": "predict_T3",
@@ -65,8 +66,20 @@ def test_speed_json_has_every_figure(speed, tiny_root, capsys):
     stages = result["predict_stages_ms_per_img_T1"]
     assert set(stages) == {"features", "routing", "flow", "map", "image_score"} and all(v >= 0 for v in stages.values())
     installed = {rt for rt, module in (("onnx", "onnxruntime"), ("openvino", "openvino")) if importlib.util.find_spec(module)}
-    assert set(result["runtimes_img_s"]) == {"torch", *installed}  # every runtime side by side, 1 and 3 tasks
+    expected = {"torch", "torch-bf16-backbone", "torch-bf16", *installed}
+    if "onnx" in installed:
+        expected |= {"onnx-int8-backbone", "onnx-int8-chain", "onnx-int8"}
+    if "openvino" in installed:
+        expected.add("openvino-bf16")
+    assert set(result["runtimes_img_s"]) == expected  # every runtime side by side, 1 and 3 tasks
     assert all(set(v) == {"T1", "T3"} and min(v.values()) > 0 for v in result["runtimes_img_s"].values())
+    assert set(result["runtimes_setup_s"]) == set(result["runtimes_parity"]) == expected - {"torch"}
+    for name, p in result["runtimes_parity"].items():
+        # the batch at 1 and 3 tasks and the mixed batch, every image compared with PyTorch f32
+        assert p["images"] == 12 and 0 <= p["tasks_same"] <= 12 and 0 <= p["verdicts_same"] <= 12, name
+        assert all(math.isfinite(p[k]) and p[k] >= 0 for k in ("score_rel_max", "map_abs_max", "map_rel_max")), name
+    for rt in installed:  # the f32 exports keep parity
+        assert result["runtimes_parity"][rt]["keeps_parity"], result["runtimes_parity"][rt]
     assert result["params_shared"] > 0 and result["params_per_task"] > 0
     assert result["peak_rss_mb"] > 0
     tb = result["train_breakdown"]
@@ -82,6 +95,24 @@ def test_speed_json_has_every_figure(speed, tiny_root, capsys):
     assert result["ratios"]["predict_T1_over_backbone"] == pytest.approx(result["predict_img_s_T1"] / result["backbone_img_s"])
     text = speed.format_table(result)
     assert f"NOT the default {default}" in text and "issue 6 targets" in text
+    assert "runtimes side by side" in text and all(f"\n{name} " in text for name in expected)
+
+
+def test_compile_variant_chain_is_the_models(speed, tiny_root):
+    """torch.compile's input in speed.py: each task's chain with the LoRA merged into nn.Linear computes
+    what the model's own chain (LoRA merge cache) computes; compiling it is torch's part."""
+    cfg = speed.benchmark_config(tiny_root / "bottle", 1, TINY)
+    system = build_system(cfg)
+    for k, spec in enumerate(("bottle", "grid")):
+        learn_new_task(system, [spec], task_features(system, [spec], "train", False), False, step=k)
+    patches = system.extractor(torch.rand(3, 3, 64, 64))[0].detach()
+    eager, merged = speed.torch_chains(system), speed.torch_chains(system, merged=True)
+    assert set(eager) == set(merged) == {0, 1}
+    with torch.no_grad():
+        for t in eager:
+            assert not any(isinstance(m, LoRALinear) for m in merged[t].model.modules())
+            for a, b in zip(eager[t](patches), merged[t](patches)):
+                torch.testing.assert_close(b, a, rtol=0, atol=0)  # the same numbers
 
 
 def test_predict_batch_matches_the_evaluation_path(speed, tiny_root):
