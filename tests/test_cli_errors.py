@@ -103,3 +103,13 @@ def test_non_finite_features_in_predict_name_the_file(setup, tmp_path, capsys, m
     err = _one_line_error(capsys, ["predict", str(setup / "run/model"), str(image), "--out", str(tmp_path / "p")])
     assert "non-finite backbone features" in err and image.name in err
     assert not (tmp_path / "p/predictions.jsonl").exists()
+
+
+def test_failed_fit_leaves_no_run_directory_behind(setup, tmp_path, capsys):
+    out = tmp_path / "new-run"
+    _one_line_error(capsys, ["fit", SMOKE, f"data.root={setup}/empty", "scenario.tasks=[[bottle]]", "--out", str(out)])
+    assert not out.exists()  # created for the run (config.yaml), removed with the error
+    kept = tmp_path / "existing"
+    kept.mkdir()
+    _one_line_error(capsys, ["fit", SMOKE, f"data.root={setup}/empty", "scenario.tasks=[[bottle]]", "--out", str(kept)])
+    assert kept.is_dir()  # a folder the user had is never removed

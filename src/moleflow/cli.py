@@ -6,11 +6,14 @@ error that says how to fix it and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import shutil
 import sys
 import time
 from datetime import datetime
+from collections.abc import Iterator
 from pathlib import Path
 
 COMMANDS = {
@@ -29,6 +32,20 @@ COMMANDS = {
 
 RAY_HELP = ("learn every task after the first as its own Ray task: local (default: a cluster on this machine), "
             "auto (the cluster this machine belongs to) or a cluster address; needs pip install 'moleflow[ray]'")
+
+
+@contextlib.contextmanager
+def _removed_if_failed(out: Path) -> Iterator[None]:
+    """A run directory this command creates is removed again when the command fails before a model was
+    saved in it: nothing half-written is left behind (a run that saved tasks stays, for --resume)."""
+    existed = Path(out).exists()
+    try:
+        yield
+    except BaseException:
+        model = Path(out) / "model"
+        if not existed and not (model / "manifest.json").exists() and not (model / "pending.json").exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def _default_run_dir(stem: str) -> Path:
@@ -173,10 +190,11 @@ def _fit(args: argparse.Namespace, progress: bool) -> int:
         raise ConfigError("--resume needs --out: the run directory to continue")
     out = args.out or _default_run_dir(Path(args.config).stem)
     t0 = time.perf_counter()
-    if args.ray:
-        results = run_fit_parallel(cfg, out, args.ray, progress=progress, resume=args.resume)
-    else:
-        results = run_fit(cfg, out, progress=progress, resume=args.resume)
+    with _removed_if_failed(out):
+        if args.ray:
+            results = run_fit_parallel(cfg, out, args.ray, progress=progress, resume=args.resume)
+        else:
+            results = run_fit(cfg, out, progress=progress, resume=args.resume)
     _print_summary(results, out, time.perf_counter() - t0)
     return 0
 
@@ -204,7 +222,9 @@ def _evaluate(args: argparse.Namespace, progress: bool) -> int:
 
     cfg = load_config(args.config, args.overrides) if args.config else None
     out = args.out or _default_run_dir("evaluate")
-    _print_summary(run_evaluate(args.model_dir, cfg, out, progress=progress), out, None)
+    with _removed_if_failed(out):
+        results = run_evaluate(args.model_dir, cfg, out, progress=progress)
+    _print_summary(results, out, None)
     return 0
 
 
@@ -256,8 +276,9 @@ def _analyze(args: argparse.Namespace, progress: bool) -> int:
     from moleflow.research.analysis import analyze_tail
 
     out = args.out or _default_run_dir("analysis")
-    path = analyze_tail(args.run_mean_only, args.run_tail_aware, out, task=args.task, sweep=list(args.sweep),
-                        max_images=args.max_images, progress=progress)
+    with _removed_if_failed(out):
+        path = analyze_tail(args.run_mean_only, args.run_tail_aware, out, task=args.task, sweep=list(args.sweep),
+                            max_images=args.max_images, progress=progress)
     print(f"analysis written to {path}")
     return 0
 
