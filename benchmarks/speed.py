@@ -1,6 +1,6 @@
 """Speed and size of moleflow on this machine, all measured in one run (issue 6).
 
-    python benchmarks/speed.py [--json] [--epochs N] [--images N] [--repeats R] [--category PATH]
+    python benchmarks/speed.py [--json] [--epochs N] [--images N] [--repeats R] [--category PATH] [--variants G,..]
 
 Measures, at the default config (moleflow.config.Config(): tf_efficientnet_lite0 with its offline
 weights, layers [2, 3], 256 px):
@@ -13,9 +13,20 @@ weights, layers [2, 3], 256 px):
                       on a few ELPV images each: they exist only for timing);
 - train_s_200img      wall-clock of learning one task of 200 images (the category's first 200 training
                       images): decoding + features + training + threshold calibration + router;
-- params_shared / params_per_task, peak_rss_mb (ru_maxrss of this process).
+- params_shared / params_per_task, peak_rss_mb (ru_maxrss of this process; peak_rss_mb_torch the same
+                      before the other runtimes were set up);
+- runtimes_img_s      predict at 1 and T tasks on each runtime side by side (issue 15): PyTorch f32 (the
+                      reference), torch-compile (inductor with freezing: backbone + each task's chain with
+                      its LoRA merged), torch-bf16-backbone / torch-bf16 (torch.autocast bfloat16 over the
+                      backbone / backbone and chain), the f32 ONNX export on ONNX Runtime ("onnx") and
+                      OpenVINO ("openvino"), openvino-bf16 (INFERENCE_PRECISION_HINT bf16), onnx-int8-backbone /
+                      -chain / onnx-int8 (onnxruntime.quantization: static QDQ backbone calibrated on 32
+                      training images, dynamic int8 MatMuls in the chains), openvino-int8-backbone /
+                      openvino-int8 (NNCF post-training int8; needs the package nncf). runtimes_setup_s is each
+                      variant's build + first call (compilation, quantization; not in img/s), runtimes_parity
+                      its agreement with PyTorch f32 on the same images (see PARITY_*). --variants picks groups.
 
-The three rates are timed interleaved (one call of each per round, after a warm-up), so a slow phase of
+All rates are timed interleaved (one call of each per round, after a warm-up), so a slow phase of
 the machine hits all of them alike; the reported figure is the median over the rounds. Status lines
 go to stderr; stdout gets the table, or with --json one JSON object. Other jobs on the same cores
 distort the figures (OpenMP threads wait for each other): run on an otherwise idle machine.
@@ -30,6 +41,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -379,7 +391,8 @@ def openvino_int8_sessions(folder: Path, calib_images: torch.Tensor, calib_patch
         key = hashlib.sha256((folder / file).read_bytes()).hexdigest()
         if key not in cache:
             model = ov.Core().read_model(str(folder / file))
-            cache[key] = nncf.quantize(model, nncf.Dataset(samples), subset_size=len(samples))
+            with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout is the table or the JSON
+                cache[key] = nncf.quantize(model, nncf.Dataset(samples), subset_size=len(samples))
         return openvino_session(cache[key])
 
     manifest = _onnx_manifest(folder)
@@ -612,6 +625,8 @@ def measure(
     if mixed:
         mixed_batch = mixed_images(system, batch, list(extra_specs), images)
         calls[f"predict_T{n_tasks}_mixed"] = lambda: predict_batch(system, mixed_batch)
+    # Before the other runtimes hold their sessions and compiled graphs: what PyTorch predict needs.
+    result["peak_rss_mb_torch"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     export_tmp = tempfile.TemporaryDirectory()
     scorers = setup_runtimes(result, category, {1: t1_system, n_tasks: system}, extra_sets, set(variants), batch,
                              Path(export_tmp.name))
@@ -724,7 +739,8 @@ def format_table(r: dict) -> str:
     lines.append("predict stages, 1 task (ms/img): " + ", ".join(f"{k} {v:.1f}" for k, v in st.items()))
     lines.append(f"{'parameters shared':<34} {r['params_shared']:>12,}")
     lines.append(f"{'parameters per task':<34} {r['params_per_task']:>12,}")
-    lines.append(f"{'peak RSS':<34} {r['peak_rss_mb']:>9.0f} MB")
+    lines.append(f"{'peak RSS':<34} {r['peak_rss_mb']:>9.0f} MB  (PyTorch alone, before the other runtimes: "
+                 f"{r['peak_rss_mb_torch']:.0f} MB)")
     ro = r["routing"]
     lines.append(f"routing: {t}-task batch on task 0: {ro[f'T{t}_batch_on_task0']:.0%}"
                  + (f"; mixed batch spans {ro[f'T{t}_mixed_distinct_tasks']} tasks" if f"T{t}_mixed_distinct_tasks" in ro else ""))
