@@ -168,3 +168,14 @@ def test_ray_missing_says_how_to_install(data, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as without the extra
     assert main(["--quiet", "fit", str(CONFIGS / "smoke.yaml"), *_overrides(data), "--out", str(tmp_path), "--ray"]) == 2
     assert "pip install 'moleflow[ray]'" in capsys.readouterr().err
+
+
+def test_detector_add_task_on_ray(cluster, data, tmp_path):
+    from moleflow import Detector
+
+    cfg = load_config(CONFIGS / "smoke.yaml", [f"data.root={data}", "scenario.tasks=[[bottle]]", "train.epochs=1", "output.plots=false"])
+    run_fit(cfg, tmp_path, progress=False, echo=lambda _: None)
+    det = Detector.load(tmp_path / "model")
+    det.add_task(["grid"], dataset="mvtec", root=data, ray="local")
+    assert [t.classes for t in det.tasks] == [["bottle"], ["grid"]]
+    assert det.predict(data / "grid/test/good/000.png").classes == ("grid",)

@@ -99,16 +99,18 @@ class Detector:
         run_fit(cfg, Path(out_dir), progress=progress, echo=lambda _line: None)
         return cls.load(Path(out_dir) / "model")
 
-    def add_task(self, classes: Sequence[str], dataset: str, root: str | Path | None = None, progress: bool = False) -> RunResults:
+    def add_task(self, classes: Sequence[str], dataset: str, root: str | Path | None = None, progress: bool = False,
+                 ray: str | None = None) -> RunResults:
         """Learn one more product from its own images only (as `moleflow add-task`); the saved model and
-        this detector both include it afterwards."""
+        this detector both include it afterwards. `ray` (local, auto or a cluster address) trains it on a
+        Ray worker, as `add-task --ray`."""
         if self.model_dir is None:
             raise ConfigError("add_task needs a detector loaded from a model directory (Detector.load)")
         if self.runtime != "torch":
             raise ConfigError("add_task trains in PyTorch: load the detector with runtime='torch', then export again")
         specs = [c if ":" in c else f"{dataset}:{c}" for c in classes]
         roots = {dataset: str(root)} if root is not None else {}
-        results = run_add_task(self.model_dir, [specs], roots, None, progress=progress, echo=lambda _line: None)
+        results = run_add_task(self.model_dir, [specs], roots, None, progress=progress, echo=lambda _line: None, ray=ray)
         self.system = load_system(self.model_dir)
         return results
 
