@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.add:
                 log(f"the same while add-task learns {args.add} ...")
                 dataset = args.add.split(":", 1)[0]
-                adder = threading.Thread(target=run_add_task, args=(model, [args.add], {dataset: args.root} if args.root else {},
+                adder = threading.Thread(target=run_add_task, args=(model, [[args.add]], {dataset: args.root} if args.root else {},
                                                                      Path(tmp) / "add"), kwargs={"progress": False, "echo": log})
                 adder.start()
                 out["served_during_add_task"] = load(url, files, args.clients, args.requests, while_alive=adder)

@@ -48,7 +48,7 @@ def test_export_after_add_task_writes_only_the_new_task(trained_model, striped_r
     out = tmp_path / "onnx"
     assert main(["--quiet", "export", str(model), "--out", str(out)]) == 0
     before = {p.name: p.read_bytes() for p in out.glob("*.onnx")}
-    run_add_task(model, ["mvtec:screw"], {"mvtec": str(striped_root)}, tmp_path / "add", progress=False, echo=lambda _: None)
+    run_add_task(model, [["mvtec:screw"]], {"mvtec": str(striped_root)}, tmp_path / "add", progress=False, echo=lambda _: None)
     with pytest.raises(Exception, match="export it again"):
         Detector.load(model, runtime="onnx", export_dir=out)
     assert main(["--quiet", "export", str(model), "--out", str(out)]) == 0
