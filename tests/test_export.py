@@ -70,3 +70,29 @@ def test_predict_cli_with_the_onnx_runtime(trained_model, exported, striped_root
     for a, b in zip(*rows):
         assert (a["task"], a["anomalous"]) == (b["task"], b["anomalous"])
         assert b["image_score"] == pytest.approx(a["image_score"], rel=1e-4)
+
+
+def test_openvino_format_writes_ir_that_scores_alone(trained_model, striped_root, tmp_path):
+    pytest.importorskip("openvino")
+    model = tmp_path / "run" / "model"
+    shutil.copytree(trained_model, model)
+    out = tmp_path / "ov"
+    assert main(["--quiet", "export", str(model), "--out", str(out), "--format", "openvino"]) == 0
+    assert {p.name for p in out.glob("*.xml")} == {"backbone.xml", "task_000.xml", "task_001.xml"}
+    paths = _images(striped_root)
+    ref = Detector.load(model).predict(paths)
+    for p in out.glob("*.onnx"):
+        p.rename(p.with_suffix(".onnx.away"))  # the OpenVINO runtime must use the IR, not the ONNX files
+    got = Detector.load(model, runtime="openvino", export_dir=out).predict(paths)
+    for a, b in zip(ref, got):
+        assert (a.task, a.anomalous) == (b.task, b.anomalous)
+        if a.task is not None:
+            assert b.score == pytest.approx(a.score, rel=1e-4)
+    for p in out.glob("*.onnx.away"):
+        p.rename(p.with_suffix(""))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".onnx", ".xml", ".bin")}
+    run_add_task(model, [["mvtec:screw"]], {"mvtec": str(striped_root)}, tmp_path / "add", progress=False, echo=lambda _: None)
+    assert main(["--quiet", "export", str(model), "--out", str(out), "--format", "openvino"]) == 0
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".onnx", ".xml", ".bin")}
+    assert set(after) - set(before) == {"task_002.onnx", "task_002.xml", "task_002.bin"}
+    assert all(after[name] == data for name, data in before.items())  # earlier files byte-identical

@@ -101,7 +101,8 @@ def _parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help=COMMANDS["export"], parents=[common])
     ex.add_argument("model_dir", type=Path)
-    ex.add_argument("--format", choices=["onnx"], default="onnx")
+    ex.add_argument("--format", choices=["onnx", "openvino"], default="onnx",
+                    help="onnx: ONNX files (ONNX Runtime, or OpenVINO reading them); openvino: also OpenVINO IR (.xml/.bin)")
     ex.add_argument("--out", type=Path, required=True, help="folder for the exported files (run again after add-task)")
 
     d = sub.add_parser("demo", help=COMMANDS["demo"], parents=[common])
@@ -241,7 +242,7 @@ def _export(args: argparse.Namespace, progress: bool) -> int:
     from moleflow.continual.system import load_system
     from moleflow.export import export_onnx
 
-    manifest = export_onnx(load_system(args.model_dir), args.model_dir, args.out)
+    manifest = export_onnx(load_system(args.model_dir), args.model_dir, args.out, args.format)
     print(f"{len(manifest['tasks'])} task(s) and the backbone exported to {args.out}")
     return 0
 

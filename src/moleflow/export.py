@@ -1,10 +1,11 @@
-"""`moleflow export`: a trained model as ONNX files that score exactly as PyTorch does.
+"""`moleflow export`: a trained model as ONNX files (and OpenVINO IR) that score exactly as PyTorch does.
 
     DIR/
       export.json      format, image size, the model directory, per task: classes, threshold, map range, file, sha256
       backbone.onnx    images (B, 3, S, S) in [0, 1] -> patches (B, H, W, C), descriptors (B, 2C)
       task_000.onnx    patches (B, H, W, C) -> image score (B,), anomaly map (B, S, S), patch scores (B, H, W):
       task_001.onnx    positional encoding, whitening, mixer, flow with the task's LoRA merged, DIA, score, map
+      *.xml, *.bin     with --format openvino: each file above converted to OpenVINO IR (f32 weights)
 
 Routing stays the PyTorch router of the model directory (a few matrix products on the descriptors), so
 an exported model routes exactly as the original. Exporting again after `add-task` writes only the new
@@ -61,8 +62,33 @@ def _onnx_bytes(module: nn.Module, example: torch.Tensor, inputs: list[str], out
     return buf.getvalue()
 
 
-def export_onnx(system: System, model_dir: Path, out: Path) -> dict:
-    """Write (or complete) the ONNX export of `system` in `out`; returns the manifest."""
+FORMATS = ("onnx", "openvino")
+
+
+def _write_ir(out: Path, onnx_name: str) -> dict:
+    """The OpenVINO IR (.xml + .bin, f32) of an exported ONNX file beside it; its manifest entry."""
+    import openvino as ov
+
+    stem = onnx_name.removesuffix(".onnx")
+    tmp = out / f".{stem}.tmp"
+    tmp.mkdir(exist_ok=True)
+    ov.save_model(ov.convert_model(str(out / onnx_name)), str(tmp / f"{stem}.xml"), compress_to_fp16=False)
+    digest = hashlib.sha256()
+    for ext in (".bin", ".xml"):  # the .xml last: a reader that finds it finds its weights
+        data = (tmp / f"{stem}{ext}").read_bytes()
+        digest.update(data)
+        atomic_write_bytes(out / f"{stem}{ext}", data)
+    for f in tmp.iterdir():
+        f.unlink()
+    tmp.rmdir()
+    return {"file": f"{stem}.xml", "sha256": digest.hexdigest()}
+
+
+def export_onnx(system: System, model_dir: Path, out: Path, fmt: str = "onnx") -> dict:
+    """Write (or complete) the export of `system` in `out`: ONNX files, and with `fmt` "openvino" their
+    OpenVINO IR too; returns the manifest."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"export format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     if system.router.cfg.mode == "hybrid":
         raise ConfigError("router.mode hybrid needs the flow inside the router; export supports mahalanobis routing")
     out = Path(out)
@@ -86,9 +112,15 @@ def export_onnx(system: System, model_dir: Path, out: Path) -> dict:
             name = f"task_{rec.index:03d}.onnx"
             atomic_write_bytes(out / name, data)
             entry = {"index": rec.index, "file": name, "sha256": hashlib.sha256(data).hexdigest(), "model_sha256": rec.sha256}
+        if fmt == "openvino" and "openvino" not in entry:
+            entry = {**entry, "openvino": _write_ir(out, entry["file"])}
         tasks.append({**entry, "classes": list(rec.classes), "threshold": rec.threshold, "map_low": rec.map_low})
+    backbone_ir = (old or {}).get("backbone_openvino")
+    if fmt == "openvino" and backbone_ir is None:
+        backbone_ir = _write_ir(out, "backbone.onnx")
     manifest = {"format": FORMAT, "opset": OPSET, "image_size": size, "model_dir": str(Path(model_dir).resolve()),
-                "backbone_identity": system.extractor.identity(), "backbone": "backbone.onnx", "tasks": tasks}
+                "backbone_identity": system.extractor.identity(), "backbone": "backbone.onnx", "tasks": tasks,
+                **({"backbone_openvino": backbone_ir} if backbone_ir else {})}
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2))
     return manifest
 
@@ -150,8 +182,12 @@ class OnnxScorer(ChainScorer):
         manifest = json.loads((export_dir / MANIFEST).read_text())
         if manifest.get("format") != FORMAT:
             raise ConfigError(f"{export_dir / MANIFEST} is not a moleflow ONNX export")
-        tasks = {e["index"]: _session(export_dir / e["file"], runtime) for e in manifest["tasks"]}
+        def file(entry: dict | None, onnx_name: str) -> Path:  # OpenVINO reads its IR where exported, else the ONNX
+            return export_dir / (entry["file"] if runtime == "openvino" and entry else onnx_name)
+
+        tasks = {e["index"]: _session(file(e.get("openvino"), e["file"]), runtime) for e in manifest["tasks"]}
         missing = sorted(set(router.prototypes) - set(tasks))
         if missing:
             raise ConfigError(f"{export_dir} lacks the tasks {missing} of the model; export it again (moleflow export)")
-        super().__init__(_session(export_dir / manifest["backbone"], runtime), tasks, router, manifest["image_size"])
+        backbone = _session(file(manifest.get("backbone_openvino"), manifest["backbone"]), runtime)
+        super().__init__(backbone, tasks, router, manifest["image_size"])
