@@ -179,3 +179,34 @@ def test_detector_add_task_on_ray(cluster, data, tmp_path):
     det.add_task(["grid"], dataset="mvtec", root=data, ray="local")
     assert [t.classes for t in det.tasks] == [["bottle"], ["grid"]]
     assert det.predict(data / "grid/test/good/000.png").classes == ("grid",)
+
+
+def _task_workers() -> list[int]:
+    """PIDs of Ray workers running learn_task now (Ray titles a busy worker `ray::learn_task`)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::learn_task"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker processes in /proc (Linux)")
+def test_a_worker_killed_mid_task_is_retried_to_the_same_files(cluster, data, sequential, tmp_path):
+    cmd = [sys.executable, "-m", "moleflow.cli", "--quiet", "fit", str(CONFIGS / "smoke.yaml"), *_overrides(data, epochs=30),
+           "--out", str(tmp_path), "--ray", cluster]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    killed = None
+    deadline = time.time() + 300
+    while killed is None and time.time() < deadline and proc.poll() is None:
+        workers = _task_workers()
+        if workers and (tmp_path / "model/pending.json").is_file():  # task 0 is in: a later task is running
+            killed = workers[0]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.01)
+    assert killed is not None, "no running worker was found to kill"
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert _files(tmp_path / "model") == _files(sequential / "model")  # the retried task, too, byte for byte
