@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -210,3 +211,13 @@ def test_a_worker_killed_mid_task_is_retried_to_the_same_files(cluster, data, se
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err.decode()[-2000:]
     assert _files(tmp_path / "model") == _files(sequential / "model")  # the retried task, too, byte for byte
+
+
+def test_a_user_error_in_a_worker_is_one_line(cluster, data, sequential, tmp_path, capsys):
+    model = Path(shutil.copytree(sequential / "model", tmp_path / "model"))
+    before = _files(model)
+    assert main(["--quiet", "add-task", str(model), "--dataset", "mvtec", "--root", str(data), "--classes", "nosuch,other",
+                 "--ray", cluster]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("moleflow add-task: error:") and "nosuch" in err and "Traceback" not in err, err
+    assert _files(model) == before and not (model / "pending.json").exists()  # nothing learned, nothing written
