@@ -179,10 +179,26 @@ def _learn_on_ray(system: System, journal: _Journal, todo: dict[int, list[str]],
         _arrived(system, journal, _get(ray, remote.remote(cfg_tree, None, 0, todo.pop(0))), echo)
     shared_ref = ray.put({k: v.detach().cpu() for k, v in system.model.shared_state_dict().items()})
     pending = {remote.remote(cfg_tree, shared_ref, t, specs): t for t, specs in todo.items()}
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        pending.pop(done[0])
-        _arrived(system, journal, _get(ray, done[0]), echo)
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            pending.pop(done[0])
+            _arrived(system, journal, _get(ray, done[0]), echo)
+    except BaseException:  # a task failed or the run was interrupted: stop the others
+        _abandon(ray, list(pending))
+        raise
+
+
+def _abandon(ray: Any, refs: list) -> None:
+    """Cancel the tasks still running; their outcome is fetched and dropped, so that Ray does not print
+    it as an unhandled error after the run's own one-line message."""
+    for ref in refs:
+        ray.cancel(ref, force=True)
+    for ref in refs:
+        try:
+            ray.get(ref, timeout=60)
+        except Exception:  # noqa: BLE001  (cancelled, or failed like the first: the first's error is the one shown)
+            pass
 
 
 def _get(ray: Any, ref: Any) -> LearnedTask:
