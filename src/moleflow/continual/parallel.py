@@ -95,9 +95,13 @@ def _learn_task(cfg: Config, shared: dict[str, torch.Tensor] | None, index: int,
         system.model.load_shared_state_dict(shared)
     train = task_features(system, specs, "train", progress=False)
     t, log = learn_new_task(system, specs, train, progress=False, step=index, index=index)
-    tensors = {k: v.detach().cpu() for k, v in task_file_tensors(system, t).items()}
-    trained_shared = None if shared is not None else {k: v.detach().cpu() for k, v in system.model.shared_state_dict().items()}
-    return LearnedTask(system.tasks[-1], log, tensors, trained_shared, list(system.skipped))
+    trained_shared = None if shared is not None else _on_cpu(system.model.shared_state_dict())
+    return LearnedTask(system.tasks[-1], log, _on_cpu(task_file_tensors(system, t)), trained_shared, list(system.skipped))
+
+
+def _on_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors as they cross Ray's object store: detached, on the CPU (a GPU worker's too)."""
+    return {k: v.detach().cpu() for k, v in tensors.items()}
 
 
 def _journal_entry(rec: TaskRecord, log: TrainLog, skipped: list[tuple[str, str]]) -> dict:
@@ -117,8 +121,7 @@ def journaled_tasks(model_dir: Path, wanted: dict[int, list[str]]) -> tuple[dict
         if wanted.get(e["index"]) != e["specs"]:
             continue
         tensors = checkpoint.read_checked(model_dir, e)
-        rec = TaskRecord(e["index"], e["classes"], e["threshold"], e["specs"], e["map_low"], e["file"], e["sha256"])
-        kept[e["index"]] = LearnedTask(rec, TrainLog.from_json(e["train"]), tensors, None, [tuple(s) for s in e["skipped"]])
+        kept[e["index"]] = LearnedTask(TaskRecord.from_entry(e), TrainLog.from_json(e["train"]), tensors, None, [tuple(s) for s in e["skipped"]])
     return journal.get("shared"), kept
 
 
@@ -161,8 +164,7 @@ def learn_tasks(system: System, model_dir: Path, jobs: dict[int, list[str]], add
     if shared_entry is not None and base_shared is None:  # task 0 of this new model trained before the interruption
         system.model.load_shared_state_dict(checkpoint.read_checked(model_dir, shared_entry))
     for t, lt in sorted(kept.items()):
-        attach_task(system, lt.record, lt.tensors)
-        system.skipped += [s for s in lt.skipped if s not in system.skipped]
+        _attach(system, lt)
         echo(f"task {t} ({'+'.join(lt.record.classes)}): kept from the interrupted run")
     todo = {t: specs for t, specs in sorted(jobs.items()) if t not in kept}
     if todo:
@@ -177,7 +179,7 @@ def _learn_on_ray(system: System, journal: _Journal, todo: dict[int, list[str]],
     cfg_tree = config_to_dict(_cluster_paths(system.cfg))
     if 0 in todo:  # the shared flow first: every other task trains over it
         _arrived(system, journal, _get(ray, remote.remote(cfg_tree, None, 0, todo.pop(0))), echo)
-    shared_ref = ray.put({k: v.detach().cpu() for k, v in system.model.shared_state_dict().items()})
+    shared_ref = ray.put(_on_cpu(system.model.shared_state_dict()))
     pending = {remote.remote(cfg_tree, shared_ref, t, specs): t for t, specs in todo.items()}
     try:
         while pending:
@@ -210,10 +212,15 @@ def _get(ray: Any, ref: Any) -> LearnedTask:
         raise exc.cause from None
 
 
+def _attach(system: System, lt: LearnedTask) -> None:
+    """A learned task into the driver's system: its modules, prototype and record, its skipped files."""
+    attach_task(system, lt.record, lt.tensors)
+    system.skipped += [s for s in lt.skipped if s not in system.skipped]
+
+
 def _arrived(system: System, journal: _Journal, lt: LearnedTask, echo) -> None:
     journal.add(lt)
     if lt.shared is not None:
         system.model.load_shared_state_dict(lt.shared)
-    attach_task(system, lt.record, lt.tensors)
-    system.skipped += [s for s in lt.skipped if s not in system.skipped]
+    _attach(system, lt)
     echo(f"task {lt.record.index} ({'+'.join(lt.record.classes)}): learned in {lt.log.seconds:.1f} s")

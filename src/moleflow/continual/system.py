@@ -227,9 +227,7 @@ def load_system(model_dir: Path, cfg: Config | None = None) -> System:
         raise CheckpointError(f"{model_dir}: feature dimensions differ from the model's ({manifest['channels']} channels, grid {manifest['grid']})")
     system.model.load_shared_state_dict(checkpoint.read_checked(model_dir, manifest["shared"]))
     for entry in manifest["tasks"]:
-        record = TaskRecord(entry["index"], entry["classes"], entry["threshold"], entry["specs"], entry["map_low"],
-                            entry["file"], entry["sha256"])
-        attach_task(system, record, checkpoint.read_checked(model_dir, entry))
+        attach_task(system, TaskRecord.from_entry(entry), checkpoint.read_checked(model_dir, entry))
     system.model.to(system.device).eval()
     return system
 

@@ -44,6 +44,11 @@ def _tensor_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | N
     return st_save(clean, metadata=metadata)
 
 
+def _task_bytes(rec: TaskRecord, tensors: dict[str, torch.Tensor]) -> bytes:
+    """A task file's content: its tensors and its class names (the one definition of its bytes)."""
+    return _tensor_bytes(tensors, {"classes": json.dumps(rec.classes)})
+
+
 @dataclass
 class TaskRecord:
     index: int
@@ -53,6 +58,11 @@ class TaskRecord:
     map_low: float = 0.0  # 1st percentile of training patch scores: the bottom of the map colour scale
     file: str = ""
     sha256: str = ""
+
+    @classmethod
+    def from_entry(cls, e: dict) -> TaskRecord:
+        """The record of a manifest (or journal) task entry."""
+        return cls(e["index"], e["classes"], e["threshold"], e["specs"], e["map_low"], e["file"], e["sha256"])
 
 
 def read_manifest(model_dir: Path) -> dict:
@@ -118,7 +128,7 @@ def write_model(
     entries = []
     for rec in tasks:
         if rec.index in task_tensors:
-            data = _tensor_bytes(task_tensors[rec.index], {"classes": json.dumps(rec.classes)})
+            data = _task_bytes(rec, task_tensors[rec.index])
             written = _write_unless_unchanged(model_dir, f"task_{rec.index:03d}", data, old_tasks.get(rec.index))
             rec.file, rec.sha256 = written["file"], written["sha256"]
         else:
@@ -155,7 +165,7 @@ def write_task_file(model_dir: Path, rec: TaskRecord, tensors: dict[str, torch.T
     `rec.file` / `rec.sha256`; a later `write_model` listing `rec` without tensors keeps the file."""
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
-    data = _tensor_bytes(tensors, {"classes": json.dumps(rec.classes)})
+    data = _task_bytes(rec, tensors)
     rec.file, rec.sha256 = f"task_{rec.index:03d}.safetensors", sha256_bytes(data)
     atomic_write_bytes(model_dir / rec.file, data)
 
