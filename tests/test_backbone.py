@@ -134,11 +134,25 @@ def test_merge_upsamples_deeper_maps_to_the_first_grid(lite0_auto: FeatureExtrac
 
 def test_local_average_and_projection() -> None:
     x = images(2, seed=2)
-    raw, _ = FeatureExtractor(lite0([2, 3], local_avg=1), 64)(x)  # (B, H, W, 152)
+    raw_fe = FeatureExtractor(lite0([2, 3], local_avg=1), 64)
+    raw, _ = raw_fe(x)  # (B, H, W, 152)
+    # "merged" (the seeds'): the 3 x 3 mean over the merged grid, borders unpadded
+    merged, _ = FeatureExtractor(lite0([2, 3], local_avg=3, local_avg_at="merged"), 64)(x)
+    ref = F.avg_pool2d(raw.permute(0, 3, 1, 2), 3, stride=1, padding=1, count_include_pad=False).permute(0, 2, 3, 1)
+    torch.testing.assert_close(merged, ref, rtol=1e-4, atol=1e-4)
+    # "layer" (the default, PatchCore's order): each layer's 3 x 3 mean on its own grid with zero padding,
+    # then the upsampling; here by hand from the trunk's maps, the corner patch in plain sums
     smooth_fe = FeatureExtractor(lite0([2, 3], local_avg=3), 64)
     smooth, _ = smooth_fe(x)
-    ref = F.avg_pool2d(raw.permute(0, 3, 1, 2), 3, stride=1, padding=1, count_include_pad=False).permute(0, 2, 3, 1)
-    torch.testing.assert_close(smooth, ref, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        maps = raw_fe.trunk((x - raw_fe.mean) / raw_fe.std)
+    first = maps[0]  # (B, 40, 8, 8)
+    corner = first[:, :, :2, :2].sum(dim=(2, 3)) / 9  # 4 real neighbours, 5 zeros of the padding
+    torch.testing.assert_close(smooth[:, 0, 0, : first.shape[1]], corner, rtol=1e-4, atol=1e-4)
+    deep = F.avg_pool2d(maps[1], 3, stride=1, padding=1, count_include_pad=True)
+    up = F.interpolate(deep, size=first.shape[-2:], mode="bilinear", align_corners=False)
+    torch.testing.assert_close(smooth[..., first.shape[1] :], up.permute(0, 2, 3, 1), rtol=1e-4, atol=1e-4)
+    assert smooth_fe.identity()["local_avg_at"] == "layer" and not torch.allclose(smooth, merged)
 
     proj_fe = FeatureExtractor(lite0([2, 3], local_avg=3, embed_dim=64), 64)
     assert proj_fe.out_channels == 64 and proj_fe.desc_dim == 128

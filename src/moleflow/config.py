@@ -46,6 +46,10 @@ class BackboneConfig:
     weights: str = "auto"  # auto (offline package / timm hub) | none (random) | path to a weights file
     embed_dim: int = 0  # 0 = keep all concatenated channels; >0 = fixed channel pooling to this size
     local_avg: int = 3  # k x k neighbourhood averaging of patch features (PatchCore-style); 1 = off
+    # Where the averaging acts. "layer": on each layer's own grid, zero-padded, before the deeper maps are
+    # upsampled (PatchCore's order: a deep layer's 3 x 3 spans 3 of its own cells); "merged": on the
+    # merged first-layer grid, borders unpadded (the seeds' runs). docs/localization.md measures both.
+    local_avg_at: Literal["layer", "merged"] = "layer"
     batch_size: int = 16
     cache_dir: str = ""  # "" = in memory only; else float16 features on disk, keyed by content
     channels_last: bool = True
