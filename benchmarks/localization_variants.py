@@ -1,11 +1,11 @@
 """Quick localization experiments behind docs/localization.md: one model variant, told the task, on cached features.
 
-    .venv/bin/python benchmarks/localization_variants.py knn [--category PATH ...]
+    .venv/bin/python benchmarks/localization_variants.py knn [KEY=VALUE ...] [--category PATH ...] [--share 0.01 --coreset]
     .venv/bin/python benchmarks/localization_variants.py flow PATH[,PATH...] [KEY=VALUE ...] [--parts]
 
-`knn`: a nearest-neighbour over a random 10 % of the training patches of the very same features (the
-question "is the information in the features?"): per-patch distance, the same map (bilinear, blur σ 4),
-image score = max patch.
+`knn`: a nearest-neighbour over a random 10 % (`--share`) of the training patches of the very same features,
+or over PatchCore's greedy coreset of them (`--coreset`) (the question "is the information in the
+features?"): per-patch distance, the same map (bilinear, blur σ 4), image score = mean of the top 50 patches.
 `flow`: learns the given categories in order as tasks 0, 1, ... of one model (complete separation, the
 training code of `moleflow fit`), scores each task's test set under its own task (no routing: this isolates
 the density model from the router), and prints the four metrics per task. `--post` also scores the same patch scores under other map blurs and image-score
@@ -54,14 +54,30 @@ def metrics(fs: FeatureSet, image: torch.Tensor, maps: torch.Tensor) -> dict:
     return {k: None if v is None else round(v, 4) for k, v in m.items()}
 
 
-def knn(folder: Path, cache: str, share: float = 0.1) -> dict:
-    train, test = category_features(folder, "train", [], cache), category_features(folder, "test", [], cache)
+def greedy_coreset(bank: torch.Tensor, share: float, seed: int = 0) -> torch.Tensor:
+    """k-centre greedy (PatchCore's coreset): repeatedly keep the patch farthest from those kept."""
+    n = max(1, int(share * len(bank)))
+    first = int(torch.randint(len(bank), (1,), generator=torch.Generator().manual_seed(seed)))
+    sq = bank.pow(2).sum(1)  # (N,) squared distances as ‖b‖² − 2 b·c + ‖c‖²: one mat-vec per step
+    dist, kept = sq - 2 * bank @ bank[first] + sq[first], [first]
+    for _ in range(n - 1):
+        i = int(dist.argmax())
+        kept.append(i)
+        dist = torch.minimum(dist, sq - 2 * bank @ bank[i] + sq[i])
+    return bank[kept]
+
+
+def knn(folder: Path, cache: str, overrides: list[str], share: float = 0.1, coreset: bool = False) -> dict:
+    train, test = category_features(folder, "train", overrides, cache), category_features(folder, "test", overrides, cache)
     c = train.patches.shape[-1]
     bank = train.patches.float().reshape(-1, c)  # (N·H·W, C)
-    bank = bank[torch.randperm(len(bank), generator=torch.Generator().manual_seed(0))[: int(share * len(bank))]]
+    if coreset:
+        bank = greedy_coreset(bank, share)
+    else:
+        bank = bank[torch.randperm(len(bank), generator=torch.Generator().manual_seed(0))[: int(share * len(bank))]]
     patch = torch.stack([torch.cdist(test.patches[i].float().reshape(-1, c), bank).min(1).values.reshape(test.patches.shape[1:3])
                          for i in range(len(test))])  # (M, H, W)
-    return metrics(test, patch.flatten(1).max(1).values, anomaly_map(patch, 256, 4.0))
+    return metrics(test, image_score(patch, "topk", 50), anomaly_map(patch, 256, 4.0))
 
 
 @torch.no_grad()
@@ -129,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("categories", nargs="?", default=None, help="flow: comma-separated class folders, learned in this order")
     ap.add_argument("overrides", nargs="*", help="moleflow config overrides KEY=VALUE")
     ap.add_argument("--category", action="append", default=None, help="knn: class folder (repeatable)")
+    ap.add_argument("--share", type=float, default=0.1, help="knn: share of the training patches kept (default %(default)s)")
+    ap.add_argument("--coreset", action="store_true", help="knn: keep them by k-centre greedy (PatchCore's coreset), not at random")
     ap.add_argument("--parts", action="store_true")
     ap.add_argument("--post", action="store_true", help="also score under other map blurs and image-score aggregations")
     ap.add_argument("--cache", default=".cache/features", help="feature cache folder (default %(default)s)")
@@ -137,8 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.what == "knn":
+        overrides = [args.categories, *args.overrides] if args.categories else args.overrides  # knn takes no categories
         for folder in [Path(c) for c in (args.category or DEFAULT)]:
-            print(json.dumps({"category": folder.name, "knn_10pct": knn(folder, args.cache)}), flush=True)
+            row = knn(folder, args.cache, overrides, args.share, args.coreset)
+            print(json.dumps({"category": folder.name, "share": args.share, "coreset": args.coreset, **row}), flush=True)
         return 0
     if not args.categories:
         ap.error("flow needs the categories, e.g. ../shared/data/mvtec_ad/bottle,../shared/data/mvtec_ad/transistor")
