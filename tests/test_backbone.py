@@ -39,7 +39,8 @@ def lite0_auto() -> FeatureExtractor:
 
 @pytest.fixture(scope="module")
 def wrn_random() -> FeatureExtractor:
-    return FeatureExtractor(BackboneConfig(name="wide_resnet50_2", layers=[2, 3], weights="none"), image_size=64)
+    # merged-grid average: its patches are what the descriptor summarises (the layer mode is tested below)
+    return FeatureExtractor(BackboneConfig(name="wide_resnet50_2", layers=[2, 3], weights="none", local_avg_at="merged"), image_size=64)
 
 
 @pytest.fixture
@@ -137,13 +138,13 @@ def test_local_average_and_projection() -> None:
     raw_fe = FeatureExtractor(lite0([2, 3], local_avg=1), 64)
     raw, _ = raw_fe(x)  # (B, H, W, 152)
     # "merged" (the seeds'): the 3 x 3 mean over the merged grid, borders unpadded
-    merged, _ = FeatureExtractor(lite0([2, 3], local_avg=3, local_avg_at="merged"), 64)(x)
+    merged, merged_desc = FeatureExtractor(lite0([2, 3], local_avg=3, local_avg_at="merged"), 64)(x)
     ref = F.avg_pool2d(raw.permute(0, 3, 1, 2), 3, stride=1, padding=1, count_include_pad=False).permute(0, 2, 3, 1)
     torch.testing.assert_close(merged, ref, rtol=1e-4, atol=1e-4)
     # "layer" (the default, PatchCore's order): each layer's 3 x 3 mean on its own grid with zero padding,
     # then the upsampling; here by hand from the trunk's maps, the corner patch in plain sums
     smooth_fe = FeatureExtractor(lite0([2, 3], local_avg=3), 64)
-    smooth, _ = smooth_fe(x)
+    smooth, smooth_desc = smooth_fe(x)
     with torch.no_grad():
         maps = raw_fe.trunk((x - raw_fe.mean) / raw_fe.std)
     first = maps[0]  # (B, 40, 8, 8)
@@ -153,6 +154,9 @@ def test_local_average_and_projection() -> None:
     up = F.interpolate(deep, size=first.shape[-2:], mode="bilinear", align_corners=False)
     torch.testing.assert_close(smooth[..., first.shape[1] :], up.permute(0, 2, 3, 1), rtol=1e-4, atol=1e-4)
     assert smooth_fe.identity()["local_avg_at"] == "layer" and not torch.allclose(smooth, merged)
+    # the router's descriptor is that of the merged-grid average in both modes
+    torch.testing.assert_close(smooth_desc, merged_desc)
+    torch.testing.assert_close(merged_desc[:, : merged.shape[-1]], merged.mean(dim=(1, 2)))
 
     proj_fe = FeatureExtractor(lite0([2, 3], local_avg=3, embed_dim=64), 64)
     assert proj_fe.out_channels == 64 and proj_fe.desc_dim == 128
@@ -161,7 +165,8 @@ def test_local_average_and_projection() -> None:
     assert proj.shape == (2, *smooth_fe.grid, 64) and desc.shape == (2, 128)
     pooled = F.adaptive_avg_pool1d(smooth.reshape(-1, 1, smooth.shape[-1]), 64).reshape(proj.shape)
     torch.testing.assert_close(proj, pooled, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(desc[:, :64], proj.mean(dim=(1, 2)))
+    proj_merged, _ = FeatureExtractor(lite0([2, 3], local_avg=3, local_avg_at="merged", embed_dim=64), 64)(x)
+    torch.testing.assert_close(desc[:, :64], proj_merged.mean(dim=(1, 2)))
     # deterministic: the same images give the same features
     assert torch.equal(proj_fe(x)[0], proj)
 
