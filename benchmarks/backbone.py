@@ -4,7 +4,8 @@
 
 Rows: tf_efficientnet_lite0 with its offline ImageNet weights (layers [1,2,3] and [2,3]) and
 wide_resnet50_2 with random weights, layers [2,3] (the paper's backbone; random weights cost the same
-time as trained ones), each with and without channels_last. Uses torch's default thread count unless
+time as trained ones), each with and without channels_last, and with the neighbourhood average on each
+layer's grid (`local_avg_at` layer, the default) or on the merged grid (merged, the seeds'). Uses torch's default thread count unless
 --threads is given. Other jobs on the same cores distort the figures badly (OpenMP threads wait for
 each other): compare rows of one run on an otherwise idle machine.
 Prints figures; asserts nothing.
@@ -54,18 +55,19 @@ def main() -> None:
     images = torch.rand(args.batch, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.image_size} px, batch {args.batch}, "
           f"{args.warmup} warm-up + {args.batches} timed batches")
-    header = f"{'backbone':<22} {'layers':<10} {'weights':<16} {'grid':<7} {'C':>5} {'channels_last':>13} {'img/s mean':>10} {'img/s best':>10}"
+    header = f"{'backbone':<22} {'layers':<10} {'weights':<16} {'grid':<7} {'C':>5} {'channels_last':>13} {'avg at':>7} {'img/s mean':>10} {'img/s best':>10}"
     print(header)
     print("-" * len(header))
     for name, layers, weights in ROWS:
         for channels_last in (True, False):
-            cfg = BackboneConfig(name=name, layers=layers, weights=weights, channels_last=channels_last)
-            extractor = FeatureExtractor(cfg, args.image_size)
-            mean, best = images_per_second(extractor, images, args.warmup, args.batches)
-            grid = f"{extractor.grid[0]}x{extractor.grid[1]}"
-            print(f"{name:<22} {str(layers):<10} {extractor.weights_source:<16} {grid:<7} {extractor.out_channels:>5} "
-                  f"{str(channels_last):>13} {mean:>10.1f} {best:>10.1f}", flush=True)
-            del extractor
+            for at in ("layer", "merged"):
+                cfg = BackboneConfig(name=name, layers=layers, weights=weights, channels_last=channels_last, local_avg_at=at)
+                extractor = FeatureExtractor(cfg, args.image_size)
+                mean, best = images_per_second(extractor, images, args.warmup, args.batches)
+                grid = f"{extractor.grid[0]}x{extractor.grid[1]}"
+                print(f"{name:<22} {str(layers):<10} {extractor.weights_source:<16} {grid:<7} {extractor.out_channels:>5} "
+                      f"{str(channels_last):>13} {at:>7} {mean:>10.1f} {best:>10.1f}", flush=True)
+                del extractor
 
 
 if __name__ == "__main__":
