@@ -57,6 +57,11 @@ def patch_scores(z: torch.Tensor, log_det: torch.Tensor, kind: str = "nll") -> t
     raise ValueError(f"scoring.patch_score must be 'nll' or 'latent', got {kind!r}")
 
 
+def patch_score_label(kind: str) -> str:
+    """What a map of `patch_scores(..., kind)` shows, for colour bars and legends."""
+    return {"nll": "anomaly score (patch NLL)", "latent": "anomaly score (½‖z‖² per patch)"}[kind]
+
+
 def gaussian_kernel1d(sigma: float, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> torch.Tensor:
     """Normalised Gaussian of radius ⌈4σ⌉, length 2·⌈4σ⌉ + 1."""
     radius = math.ceil(4.0 * sigma)

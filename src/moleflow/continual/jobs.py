@@ -33,7 +33,7 @@ from moleflow.model import checkpoint
 from moleflow.results.rundir import RunDir
 from moleflow.results.schema import RunResults, SkippedFile, Step, TaskEval, Timings, TrainLog, summarize
 from moleflow.results.tables import step_line
-from moleflow.scoring import Scores
+from moleflow.scoring import Scores, patch_score_label
 
 
 @dataclass
@@ -112,7 +112,8 @@ def _plot(run: RunDir, system: System, results: RunResults, test_sets: dict, sco
             masks=None if fs.masks is None else fs.masks[:, 0].numpy().astype(bool),
             routed=sc.tasks.numpy(),
         ))
-    write_run_plots(run.path, results, views, system.cfg.data.image_size, system.cfg.output.panels_per_task)
+    write_run_plots(run.path, results, views, system.cfg.data.image_size, system.cfg.output.panels_per_task,
+                    patch_score_label(system.cfg.scoring.patch_score))
     write_report_html(run.path, results)
 
 

@@ -148,7 +148,7 @@ def _short_path(path: str) -> str:
     return f"{p.parent.name}/{p.name}" if p.parent.name else p.name  # MVTec names repeat per defect type
 
 
-def draw_panels(view: TaskView, image_size: int, k: int, path: Path) -> Path:
+def draw_panels(view: TaskView, image_size: int, k: int, path: Path, score_label: str = "anomaly score") -> Path:
     """panels_<t>_<name>.png: the k most and k least anomalous test images of a task, a row each."""
     rows = panel_rows(view.scores, k)
     cols = panel_columns(view.masks is not None)
@@ -188,7 +188,7 @@ def draw_panels(view: TaskView, image_size: int, k: int, path: Path) -> Path:
             ax.set_yticks([])
     if mappable is not None:
         cax = subs[n].add_axes((0.15, 0.62, 0.7, 0.16))  # room below for the label
-        subs[n].colorbar(mappable, cax=cax, orientation="horizontal", label="anomaly score (patch NLL)")
+        subs[n].colorbar(mappable, cax=cax, orientation="horizontal", label=score_label)
     else:
         subs[0].text(0.5, 0.5, "no test images", ha="center", va="center")
     return save_figure(fig, path)
