@@ -99,3 +99,26 @@ def test_reported_error_rates_are_the_verdicts_the_detector_gives(trained_model,
         assert entry["false_alarm_rate"] == pytest.approx(sum(good) / len(good))
         assert entry["miss_rate"] == pytest.approx(1 - sum(bad) / len(bad))
     assert all(s["train"]["n_calibration"] == 2 for s in results["steps"])  # 2 of the 10 training images held out
+
+
+def test_a_model_saved_before_local_avg_at_existed_loads_with_its_own_features(striped_root, tmp_path):
+    """Models saved before `backbone.local_avg_at` averaged on the merged grid; their manifest lacks the
+    key and names the descriptor "mean+log_rms". They must load with those features, not today's default."""
+    import json
+
+    from helpers import CONFIGS
+
+    Detector.fit(CONFIGS / "smoke.yaml", tmp_path / "run",
+                 [f"data.root={striped_root}", "scenario.tasks=[[bottle],[grid]]", "backbone.local_avg_at=merged"])
+    model = tmp_path / "run" / "model"
+    images = _test_images(striped_root, "bottle")[:2] + _test_images(striped_root, "grid")[:2]
+    expected = Detector.load(model).predict(images)
+    path = model / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["backbone"]["local_avg_at"], manifest["config"]["backbone"]["local_avg_at"]
+    manifest["backbone"]["descriptor"] = "mean+log_rms"
+    path.write_text(json.dumps(manifest))
+    old = Detector.load(model)
+    assert old.system.cfg.backbone.local_avg_at == "merged"
+    for got, want in zip(old.predict(images), expected):
+        assert (got.task, got.anomalous) == (want.task, want.anomalous) and got.score == pytest.approx(want.score, rel=1e-6)

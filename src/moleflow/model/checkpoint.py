@@ -24,6 +24,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from moleflow.atomic import atomic_write_bytes, atomic_write_text
+from moleflow.features.backbone import DESCRIPTOR
 
 FORMAT = "moleflow-model"
 FORMAT_VERSION = 1
@@ -80,6 +81,26 @@ def read_manifest(model_dir: Path) -> dict:
         raise CheckpointError(f"{path} is not a moleflow manifest")
     if manifest.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{path} has format version {manifest.get('version')}; this moleflow reads {FORMAT_VERSION}")
+    return _upgraded(manifest)
+
+
+# The descriptor's name before `backbone.local_avg_at` existed; it is the same computation as DESCRIPTOR
+# with local_avg_at "merged", the only order there was.
+_DESCRIPTOR_BEFORE_LOCAL_AVG_AT = "mean+log_rms"
+
+
+def _upgraded(manifest: dict) -> dict:
+    """A model saved before `backbone.local_avg_at` existed averaged on the merged grid: say so, in its
+    config and its backbone identity, so it loads (and `add-task` extends it) with the features it was
+    trained on rather than with today's default."""
+    ident = manifest.get("backbone")
+    if isinstance(ident, dict) and "local_avg_at" not in ident:
+        ident["local_avg_at"] = "merged"
+        if ident.get("descriptor") == _DESCRIPTOR_BEFORE_LOCAL_AVG_AT:
+            ident["descriptor"] = DESCRIPTOR
+        backbone_cfg = manifest.get("config", {}).get("backbone")
+        if isinstance(backbone_cfg, dict):
+            backbone_cfg.setdefault("local_avg_at", "merged")
     return manifest
 
 
