@@ -31,22 +31,22 @@ def test_summary_of_baselines_has_no_routing_and_uses_the_oracle_block():
     assert f.forgetting.get("image_auroc") == 0.0  # one step: nothing to forget
 
 
-def test_calibration_images_are_held_out_from_training():
+def test_calibration_folds_are_disjoint_seeded_shares_and_fold_0_is_what_the_shipped_task_does_not_train_on():
     import torch
 
-    from moleflow.continual.system import split_calibration
-    from moleflow.features.cache import FeatureSet
+    from moleflow.continual.system import calibration_index, held_out_folds
 
     n = 23
-    fs = FeatureSet(torch.randn(n, 2, 2, 3), torch.randn(n, 6), torch.zeros(n, dtype=torch.long), None,
-                    [f"{i}.png" for i in range(n)], ["a"] * n)
-    fit, held = split_calibration(fs, 0.2, seed=5)
-    assert len(held) == 4 and len(fit) == 19
-    assert set(fit.paths).isdisjoint(held.paths) and set(fit.paths) | set(held.paths) == set(fs.paths)
-    assert split_calibration(fs, 0.2, seed=5)[1].paths == held.paths != split_calibration(fs, 0.2, seed=6)[1].paths
-    assert split_calibration(fs, 0.0, seed=5) == (fs, None)
-    small = fs.subset(torch.arange(4))
-    assert split_calibration(small, 0.2, seed=0) == (small, None)  # 0.8 image: calibrated on the training images
+    folds = held_out_folds(n, 0.2, 5, seed=5)
+    assert [len(f) for f in folds] == [4] * 5  # int(0.2 × 23) each; 3 images are in no share
+    flat = torch.cat(folds)
+    assert len(set(flat.tolist())) == 20 and 0 <= int(flat.min()) and int(flat.max()) < n
+    assert all(bool((f[1:] > f[:-1]).all()) for f in folds)  # sorted
+    assert torch.equal(calibration_index(n, 0.2, seed=5), folds[0])
+    assert [f.tolist() for f in held_out_folds(n, 0.2, 2, seed=5)] == [f.tolist() for f in folds[:2]]
+    assert held_out_folds(n, 0.2, 5, seed=6)[0].tolist() != folds[0].tolist()
+    assert held_out_folds(n, 0.0, 5, seed=5) == [] and calibration_index(n, 0.0, seed=5) is None
+    assert held_out_folds(4, 0.2, 5, seed=0) == []  # 0.8 image: calibrated on the training images
 
 
 def test_decision_rates_count_verdicts_against_each_images_own_task_threshold():

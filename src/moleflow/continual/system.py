@@ -10,7 +10,9 @@ from the same random state as an uninterrupted run.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,53 +80,78 @@ def task_features(system: System, specs: list[str], split: str, progress: bool) 
     return sets[0] if len(sets) == 1 else FeatureSet.concat(sets)
 
 
-def calibrate_threshold(system: System, task: int, images: FeatureSet) -> tuple[float, float]:
-    """The decision threshold (the `scoring.threshold_quantile` of the image scores of `images`: the
-    task's held-out calibration images) and the bottom of its map colour scale (their patch scores' 1st
-    percentile)."""
+def held_out_scores(system: System, task: int, images: FeatureSet) -> tuple[np.ndarray, np.ndarray]:
+    """(image scores, patch scores) of `images` under model task `task`, routing aside."""
     s = system.scorer.score_features(images, torch.full((len(images),), task), with_maps=False)
-    threshold = float(np.quantile(s.image.numpy(), system.cfg.scoring.threshold_quantile))
-    return threshold, float(np.quantile(s.patch.numpy(), 0.01))
+    return s.image.numpy(), s.patch.numpy()
+
+
+def held_out_folds(n: int, share: float, folds: int, seed: int) -> list[torch.Tensor]:
+    """Sorted indices of each held-out calibration share among n training images: `folds` disjoint
+    seeded random shares of `share` each (fold 0 is `calibration_index`); none when a share rounds to
+    no image or to all of them."""
+    n_hold = int(share * n)
+    if n_hold < 1 or n_hold >= n:
+        return []
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return [perm[j * n_hold:(j + 1) * n_hold].sort().values for j in range(folds)]
 
 
 def calibration_index(n: int, share: float, seed: int) -> torch.Tensor | None:
-    """Sorted indices of the held-out calibration images among n training images: a seeded random
-    `share`, at least one image and at least one left to train on; None when the share rounds to none."""
-    n_hold = int(share * n)
-    if n_hold < 1 or n_hold >= n:
-        return None
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:n_hold].sort().values
+    """Sorted indices of the held-out calibration images the shipped task does not train on (fold 0 of
+    `held_out_folds`), or None when the share rounds to none."""
+    folds = held_out_folds(n, share, 1, seed)
+    return folds[0] if folds else None
 
 
-def split_calibration(train: FeatureSet, share: float, seed: int) -> tuple[FeatureSet, FeatureSet | None]:
-    """(images the flow trains on, held-out calibration images or None), by `calibration_index`."""
-    held = calibration_index(len(train), share, seed)
-    if held is None:
-        return train, None
+def _without(train: FeatureSet, held: torch.Tensor) -> FeatureSet:
     keep = torch.ones(len(train), dtype=torch.bool)
     keep[held] = False
-    return train.subset(keep.nonzero().squeeze(1)), train.subset(held)
+    return train.subset(keep.nonzero().squeeze(1))
 
 
 def _calibration_seed(system: System, t: int) -> int:
     return system.cfg.train.seed * 1000 + t
 
 
-def _train(system: System, t: int, specs: list[str], train: FeatureSet, progress: bool) -> tuple[TaskRecord, TrainLog]:
+def _fold_scores(system: System, t: int, train: FeatureSet, folds: list[torch.Tensor], start: MoLEFlow,
+                 step: int, progress: bool) -> list[np.ndarray]:
+    """Image scores of folds 1, 2, … each by a throwaway copy of the model, taken before task t trained
+    (`start`), whose task t trained like the shipped one on the training images outside that fold."""
+    scores = []
+    for held in folds[1:]:
+        model = copy.deepcopy(start)
+        seed_everything(system.cfg.train.seed + step)
+        fit_task(model, t, _without(train, held), system.cfg.train, system.cfg.loss, system.device,
+                 progress=progress, memory=system.memory)
+        scores.append(held_out_scores(dataclasses.replace(system, model=model.eval()), t, train.subset(held))[0])
+    return scores
+
+
+def _train(system: System, t: int, specs: list[str], train: FeatureSet, progress: bool, step: int) -> tuple[TaskRecord, TrainLog]:
     """Train model task t on `train` minus its calibration share, update the OGP memory, calibrate the
-    threshold on the held-out images (or, without any, on the training images): the record and its log."""
-    fit_part, held_out = split_calibration(train, system.cfg.scoring.calibration_holdout, _calibration_seed(system, t))
+    threshold on the held-out shares (see `ScoringConfig.calibration_folds`; without any, on the
+    training images): the record and its log."""
+    sc = system.cfg.scoring
+    folds = held_out_folds(len(train), sc.calibration_holdout, sc.calibration_folds, _calibration_seed(system, t))
+    start = copy.deepcopy(system.model) if len(folds) > 1 else None  # the fold models start where task t does
+    fit_part = _without(train, folds[0]) if folds else train
     log = fit_task(system.model, t, fit_part, system.cfg.train, system.cfg.loss, system.device, progress=progress,
                    memory=system.memory)
     if system.memory is not None:
         remember_gradients(system, t, fit_part)
-    threshold, map_low = calibrate_threshold(system, t, held_out if held_out is not None else fit_part)
+    image, patch = held_out_scores(system, t, train.subset(folds[0]) if folds else fit_part)
+    t0 = time.perf_counter()
+    pooled = np.concatenate([image, *(_fold_scores(system, t, train, folds, start, step, progress) if start else [])])
     info = TrainLog(
         epoch_loss=tuple(log.epoch_loss), seconds=log.seconds, steps=log.steps, n_train=len(fit_part),
-        n_calibration=len(held_out) if held_out is not None else None,
+        n_calibration=len(pooled) if folds else None, calibration_folds=len(folds) or None,
+        calibration_seconds=time.perf_counter() - t0 if start else None,
         ogp_directions=sum(system.memory.rank().values()) if system.memory is not None else None,  # stored so far
         grad_norms=tuple(log.grad_norms) if log.grad_norms else None,  # per epoch, per coupling block
     )
+    threshold = float(np.quantile(pooled, sc.threshold_quantile))
+    map_low = float(np.quantile(patch, 0.01))  # the bottom of the map colour scale: the shipped modules' own
     return TaskRecord(t, [display_name(s) for s in specs], threshold, list(specs), map_low), info
 
 
@@ -140,7 +167,7 @@ def learn_new_task(system: System, specs: list[str], train: FeatureSet, progress
     held = calibration_index(len(train), system.cfg.scoring.calibration_holdout, _calibration_seed(system, t))
     system.router.add_task(t, train.descriptors, held_out=held)  # the same images calibrate the unknown answer
     try:
-        record, info = _train(system, t, specs, train, progress)
+        record, info = _train(system, t, specs, train, progress, step)
     except BaseException:
         system.model.remove_task(t)
         system.router.prototypes.pop(t, None)
@@ -152,7 +179,7 @@ def learn_new_task(system: System, specs: list[str], train: FeatureSet, progress
 def retrain_task(system: System, t: int, specs: list[str], train: FeatureSet, progress: bool, step: int) -> tuple[int, TrainLog]:
     """Train the existing model task t again, shared weights included (the `finetune` baseline)."""
     seed_everything(system.cfg.train.seed + step)
-    system.tasks[t], info = _train(system, t, specs, train, progress)
+    system.tasks[t], info = _train(system, t, specs, train, progress, step)
     return t, info
 
 

@@ -2,8 +2,9 @@
 
 Layout of results.json, keys in the order written (`RunResults.to_json`):
 
-    format_version  2 (adds each task's false-alarm and miss rates at its threshold, and the number of
-                    held-out calibration images); versions 1 and 2 are read; files written before the
+    format_version  3 (adds the k-fold calibration's fold count and seconds to each step's `TrainLog`);
+                    2 added each task's false-alarm and miss rates at its threshold, and the number of
+                    held-out calibration images; versions 1, 2 and 3 are read; files written before the
                     field existed are version 1
     method          "moleflow" | "finetune" | "joint"; absent in `add-task` (without an earlier
                     results.json) and `evaluate` runs
@@ -28,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-FORMAT_VERSION = 2  # what this moleflow writes
-READABLE_VERSIONS = (1, 2)  # what it reads (version 1 lacks the optional fields of version 2)
+FORMAT_VERSION = 3  # what this moleflow writes
+READABLE_VERSIONS = (1, 2, 3)  # what it reads (each lacks the optional fields of the later ones)
 FORMAT_KEY = "format_version"
 
 
@@ -101,7 +102,7 @@ def check_format_version(data: Mapping, where: str = "results.json") -> int:
         raise ResultsFormatError(f"{where}: {FORMAT_KEY} must be an integer, got {version!r}")
     if version not in READABLE_VERSIONS:
         hint = "written by a newer moleflow; update moleflow to read it" if version > FORMAT_VERSION else "not a known version"
-        known = " and ".join(map(str, READABLE_VERSIONS))
+        known = ", ".join(map(str, READABLE_VERSIONS[:-1])) + f" and {READABLE_VERSIONS[-1]}"
         raise ResultsFormatError(f"{where}: {FORMAT_KEY} {version} cannot be read: this moleflow reads "
                                  f"{FORMAT_KEY} {known} (or files without the field), and {version} is {hint}")
     return version
@@ -217,6 +218,8 @@ class TrainLog:
     steps: int | None = None  # optimiser steps
     n_train: int | None = None  # images the flow trained on
     n_calibration: int | None = None  # held-out training images the threshold was calibrated on (version 2)
+    calibration_folds: int | None = None  # held-out shares pooled for it, all but one by fold models (version 3)
+    calibration_seconds: float | None = None  # training and scoring the fold models (version 3)
     ogp_directions: int | None = None  # OGP memory size after the task (finetune with train.ogp)
     grad_norms: tuple[dict[str, float], ...] | None = None  # per epoch, per coupling block (train.record_grad_norms)
 

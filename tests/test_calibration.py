@@ -1,0 +1,76 @@
+"""The decision threshold's k-fold calibration (continual/system.py `_train`): fold models are
+throwaway copies; the shipped task is the one share 0 leaves out, untouched by them."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from moleflow.config import load_config
+from moleflow.continual.system import build_system, held_out_folds, held_out_scores, learn_new_task
+from moleflow.continual.train import fit_task, seed_everything
+from moleflow.features.cache import FeatureSet
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _features(system, n: int, seed: int) -> FeatureSet:
+    g = torch.Generator().manual_seed(seed)
+    h, w = system.extractor.grid
+    c = system.extractor.out_channels
+    patches = torch.randn(n, h, w, c, generator=g) * (1 + torch.rand(n, 1, 1, 1, generator=g))
+    return FeatureSet(patches, torch.randn(n, 2 * c, generator=g), torch.zeros(n, dtype=torch.long), None,
+                      [f"{i}.png" for i in range(n)], ["a"] * n)
+
+
+def _learn(folds: int, train: FeatureSet):
+    cfg = load_config(CONFIGS / "smoke.yaml", [f"scoring.calibration_folds={folds}", "scoring.calibration_holdout=0.25"])
+    seed_everything(cfg.train.seed)
+    system = build_system(cfg)
+    _, log = learn_new_task(system, ["a"], train, progress=False, step=0)
+    return system, log
+
+
+def test_the_threshold_pools_every_fold_models_out_of_fold_scores_and_the_shipped_task_is_unchanged():
+    cfg = load_config(CONFIGS / "smoke.yaml")
+    seed_everything(cfg.train.seed)
+    train = _features(build_system(cfg), 16, seed=0)
+    one, log1 = _learn(1, train)
+    four, log4 = _learn(4, train)
+    # the shipped task trained on the same images from the same state: bitwise the same tensors
+    a, b = one.model.task_state_dict(0), four.model.task_state_dict(0)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert one.model.shared_state_dict().keys() == four.model.shared_state_dict().keys()
+    assert all(torch.equal(v, four.model.shared_state_dict()[k]) for k, v in one.model.shared_state_dict().items())
+    assert (log1.n_train, log1.n_calibration, log1.calibration_folds) == (12, 4, 1)
+    assert (log4.n_train, log4.n_calibration, log4.calibration_folds) == (12, 16, 4)
+    assert log1.calibration_seconds is None and log4.calibration_seconds > 0
+    assert one.tasks[0].map_low == four.tasks[0].map_low  # the colour scale is the shipped modules' own
+
+    # rebuild the fold models independently: task 0 from the initial state, trained without its share
+    folds = held_out_folds(16, 0.25, 4, seed=four.cfg.train.seed * 1000)
+    shipped = held_out_scores(four, 0, train.subset(folds[0]))[0]
+    assert one.tasks[0].threshold == pytest.approx(float(np.quantile(shipped, 0.99)))
+    pooled = [shipped]
+    for held in folds[1:]:
+        seed_everything(four.cfg.train.seed)
+        fresh = build_system(four.cfg)
+        seed_everything(four.cfg.train.seed)  # learn_new_task's seeding of step 0
+        fresh.model.add_task(0)
+        keep = torch.ones(16, dtype=torch.bool)
+        keep[held] = False
+        seed_everything(four.cfg.train.seed)
+        fit_task(fresh.model, 0, train.subset(keep), four.cfg.train, four.cfg.loss, fresh.device, progress=False)
+        pooled.append(held_out_scores(fresh, 0, train.subset(held))[0])
+    assert four.tasks[0].threshold == pytest.approx(float(np.quantile(np.concatenate(pooled), 0.99)), rel=1e-5)
+    assert four.tasks[0].threshold != pytest.approx(one.tasks[0].threshold)
+
+
+def test_without_a_held_out_share_the_threshold_is_in_sample_and_no_fold_model_trains():
+    cfg = load_config(CONFIGS / "smoke.yaml", ["scoring.calibration_holdout=0"])
+    seed_everything(cfg.train.seed)
+    system = build_system(cfg)
+    train = _features(system, 8, seed=1)
+    _, log = learn_new_task(system, ["a"], train, progress=False, step=0)
+    assert (log.n_train, log.n_calibration, log.calibration_folds, log.calibration_seconds) == (8, None, None, None)
+    assert system.tasks[0].threshold == pytest.approx(float(np.quantile(held_out_scores(system, 0, train)[0], 0.99)))
