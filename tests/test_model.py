@@ -136,13 +136,16 @@ def test_training_task1_leaves_shared_and_task0_bitwise_unchanged():
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+    model.fit_memory(1, x1, seed=0)  # after training, as continual.system does: task 1's patch memory
 
     for name, value in model.shared_state_dict().items():
         assert torch.equal(value, shared_before[name]), name
     for name, value in model.task_state_dict(0).items():
         assert torch.equal(value, task0_before[name]), name
-    changed = [n for n, v in model.task_state_dict(1).items() if not torch.equal(v, task1_before[n])]
-    assert len(changed) == len(task1_before)  # every task-1 tensor trained (and weight decay moved it)
+    after = model.task_state_dict(1)
+    changed = [n for n, v in after.items() if v.shape != task1_before[n].shape or not torch.equal(v, task1_before[n])]
+    assert len(changed) == len(task1_before)  # every task-1 tensor trained (and weight decay moved it), memory filled
+    assert after["memory.1.bank"].shape[0] == max(1, int(model.cfg.memory_share * x1[..., 0].numel()))
     with torch.no_grad(), model.use_task(0):
         z_after, ld_after = model(x0)
     assert torch.equal(z_after, z_before) and torch.equal(ld_after, ld_before)
@@ -180,7 +183,9 @@ def test_trainable_sets_follow_complete_separation():
     assert all(".1" not in n.split("lora_")[-1] for n in t0 if "lora_" in n)
     assert not any(n.startswith(("whitening.1", "dia.1")) for n in t0)
     t1 = {n for n, p in model.named_parameters() if id(p) in {id(q) for q in model.set_trainable(1)}}
-    assert t1 == set(model.task_state_dict(1))
+    own = set(model.task_state_dict(1))
+    assert {"memory.1.bank", "memory.1.scale"} <= own  # the task's patch memory: its own, filled, never trained
+    assert t1 == {n for n in own if not n.startswith("memory.")}
     assert all(n.startswith(("whitening.1.", "dia.1.")) or n.endswith((".lora_A.1", ".lora_B.1", ".task_bias.1")) for n in t1)
 
 

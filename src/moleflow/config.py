@@ -87,6 +87,9 @@ class ModelConfig:
     # notes') mixes the encoding into the features (docs/localization.md).
     pos_encoding: Literal["add", "concat", "none"] = "concat"
     pos_encoding_dim: int = 32  # channels appended in "concat" mode
+    # Per-task patch memory: a greedy coreset of this share of the task's training patches (PatchCore's),
+    # read by scoring.patch_score "blend". 0: none (the notes').
+    memory_share: float = 0.01
 
 
 @dataclass(frozen=True)
@@ -125,7 +128,10 @@ class TrainConfig:
 @dataclass(frozen=True)
 class ScoringConfig:
     # "nll": ½‖z‖² − log|det J| (the notes); "latent": ½‖z‖² (FastFlow's map). See scoring.patch_scores.
-    patch_score: Literal["nll", "latent"] = "latent"
+    # "blend": (1 − memory_weight)·‖z‖ + memory_weight·(distance to the task's nearest memory patch), each
+    # over its median on the task's training patches (scoring.task_patch_scores; needs model.memory_share).
+    patch_score: Literal["nll", "latent", "blend"] = "latent"
+    memory_weight: float = 0.5
     aggregation: Literal["topk", "max", "mean"] = "topk"
     # Image score = mean of the top_k patch scores. 50 of the 32×32 patches at 256 px (≈ 5 %): image AUROC
     # +0.04 on transistor and kolektor, +0.016 on ELPV poly, same on mono and bottle (docs/localization.md).
@@ -367,6 +373,10 @@ def validate(cfg: Config) -> None:
         (cfg.scoring.calibration_folds >= 1, "scoring.calibration_folds must be at least 1"),
         (cfg.scoring.calibration_folds * cfg.scoring.calibration_holdout <= 1.0 + 1e-9,
          "scoring.calibration_folds × scoring.calibration_holdout must be at most 1 (the shares are disjoint)"),
+        (0.0 <= cfg.model.memory_share <= 1.0, "model.memory_share must lie in [0, 1]"),
+        (0.0 <= cfg.scoring.memory_weight <= 1.0, "scoring.memory_weight must lie in [0, 1]"),
+        (cfg.scoring.patch_score != "blend" or cfg.model.memory_share > 0,
+         "scoring.patch_score blend reads each task's patch memory: set model.memory_share > 0 (e.g. 0.01)"),
         (cfg.router.hybrid_top_k >= 2, "router.hybrid_top_k must be >= 2"),
         (cfg.router.unknown_margin > 0, "router.unknown_margin must be > 0"),
         (cfg.router.shrinkage == -1.0 or 0.0 <= cfg.router.shrinkage <= 1.0, "router.shrinkage must be -1 (Ledoit-Wolf) or lie in [0, 1]"),

@@ -31,7 +31,7 @@ from moleflow.config import ConfigError, ScoringConfig
 from moleflow.continual.system import System
 from moleflow.model.mole_flow import MoLEFlow
 from moleflow.router import UNKNOWN, TaskRouter
-from moleflow.scoring import Scores, anomaly_map, image_score, patch_scores, require_finite
+from moleflow.scoring import Scores, anomaly_map, image_score, require_finite, task_patch_scores
 
 MANIFEST = "export.json"
 FORMAT = "moleflow-onnx"
@@ -47,8 +47,7 @@ class TaskChain(nn.Module):
 
     def forward(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with self.model.use_task(self.task):
-            z, log_det = self.model(patches)  # (B, H, W, C'), (B, H, W)
-        s = patch_scores(z, log_det, self.cfg.patch_score)  # (B, H, W)
+            s = task_patch_scores(self.model, patches, self.cfg)  # (B, H, W)
         return image_score(s, self.cfg.aggregation, self.cfg.top_k), anomaly_map(s, self.image_size, self.cfg.blur_sigma), s
 
 

@@ -57,9 +57,36 @@ def patch_scores(z: torch.Tensor, log_det: torch.Tensor, kind: str = "nll") -> t
     raise ValueError(f"scoring.patch_score must be 'nll' or 'latent', got {kind!r}")
 
 
+def task_patch_scores(model: MoLEFlow, x: torch.Tensor, cfg: ScoringConfig) -> torch.Tensor:
+    """Under the model's active task: patches x (B, H, W, C) -> patch scores (B, H, W) of `cfg.patch_score`.
+
+    "blend" = (1 − w)·‖z‖ / m_z + w·d / m_d, with d the distance to the task's nearest memory patch
+    (PatchCore's score), w = `scoring.memory_weight`, and m_z, m_d their medians over the task's training
+    patches: ‖z‖ (not ½‖z‖²) so both parts grow linearly with a patch's distance from the normal ones.
+    """
+    z, log_det = model(x)  # (B, H, W, C'), (B, H, W)
+    if cfg.patch_score != "blend":
+        return patch_scores(z, log_det, cfg.patch_score)
+    d, scale = model.memory_distance(x)  # (B, H, W), (2,)
+    w = cfg.memory_weight
+    return (1 - w) * z.norm(dim=-1) / scale[0] + w * d / scale[1]
+
+
+def routed_patch_scores(model: MoLEFlow, x: torch.Tensor, tasks: torch.Tensor, cfg: ScoringConfig) -> torch.Tensor:
+    """Each image of x (B, H, W, C) under its own task (B,): `task_patch_scores` per task present."""
+    out = x.new_empty(x.shape[:3])  # (B, H, W)
+    tasks = tasks.to(x.device)
+    for t in torch.unique(tasks).tolist():
+        idx = (tasks == t).nonzero(as_tuple=True)[0]
+        with model.use_task(t):
+            out[idx] = task_patch_scores(model, x.index_select(0, idx), cfg)
+    return out
+
+
 def patch_score_label(kind: str) -> str:
     """What a map of `patch_scores(..., kind)` shows, for colour bars and legends."""
-    return {"nll": "anomaly score (patch NLL)", "latent": "anomaly score (½‖z‖² per patch)"}[kind]
+    return {"nll": "anomaly score (patch NLL)", "latent": "anomaly score (½‖z‖² per patch)",
+            "blend": "anomaly score (flow ‖z‖ + nearest-patch distance, in training medians)"}[kind]
 
 
 def gaussian_kernel1d(sigma: float, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> torch.Tensor:
@@ -179,8 +206,7 @@ class Scorer:
         known = (tasks != UNKNOWN).nonzero().squeeze(1)
         if len(known):
             x = patches[known.to(patches.device)].to(device=self.device, dtype=torch.float32)  # (b, H, W, C)
-            z, log_det = self.model.forward_routed(x, tasks[known].to(self.device))
-            s = patch_scores(z, log_det, self.cfg.patch_score)  # (b, H, W)
+            s = routed_patch_scores(self.model, x, tasks[known], self.cfg)  # (b, H, W)
             require_finite(s, [names[i] for i in known.tolist()], f"anomaly scores under task(s) {sorted(set(tasks[known].tolist()))}")
             patch[known] = s.cpu()
             image[known] = image_score(s, self.cfg.aggregation, self.cfg.top_k).cpu()

@@ -22,7 +22,7 @@ import torch
 from moleflow.config import Config, ConfigError, config_from_dict, config_to_dict
 from moleflow.continual.ogp import GradientMemory, task_gradients
 from moleflow.continual.scenario import display_name
-from moleflow.continual.train import fit_task, seed_everything
+from moleflow.continual.train import TrainLog as FitLog, fit_task, seed_everything
 from moleflow.data import build_dataset
 from moleflow.features.backbone import FeatureExtractor, resolve_device
 from moleflow.features.cache import FeatureSet, extract_features
@@ -114,6 +114,14 @@ def _calibration_seed(system: System, t: int) -> int:
     return system.cfg.train.seed * 1000 + t
 
 
+def _fit(system: System, model: MoLEFlow, t: int, train: FeatureSet, progress: bool) -> FitLog:
+    """Train model task t's modules on `train`, then fill its patch memory from the same images."""
+    log = fit_task(model, t, train, system.cfg.train, system.cfg.loss, system.device, progress=progress,
+                   memory=system.memory)
+    model.fit_memory(t, train.patches, seed=system.cfg.train.seed)
+    return log
+
+
 def _fold_scores(system: System, t: int, train: FeatureSet, folds: list[torch.Tensor], start: MoLEFlow,
                  step: int, progress: bool) -> list[np.ndarray]:
     """Image scores of folds 1, 2, … each by a throwaway copy of the model, taken before task t trained
@@ -122,8 +130,7 @@ def _fold_scores(system: System, t: int, train: FeatureSet, folds: list[torch.Te
     for held in folds[1:]:
         model = copy.deepcopy(start)
         seed_everything(system.cfg.train.seed + step)
-        fit_task(model, t, _without(train, held), system.cfg.train, system.cfg.loss, system.device,
-                 progress=progress, memory=system.memory)
+        _fit(system, model, t, _without(train, held), progress)
         scores.append(held_out_scores(dataclasses.replace(system, model=model.eval()), t, train.subset(held))[0])
     return scores
 
@@ -136,8 +143,7 @@ def _train(system: System, t: int, specs: list[str], train: FeatureSet, progress
     folds = held_out_folds(len(train), sc.calibration_holdout, sc.calibration_folds, _calibration_seed(system, t))
     start = copy.deepcopy(system.model) if len(folds) > 1 else None  # the fold models start where task t does
     fit_part = _without(train, folds[0]) if folds else train
-    log = fit_task(system.model, t, fit_part, system.cfg.train, system.cfg.loss, system.device, progress=progress,
-                   memory=system.memory)
+    log = _fit(system, system.model, t, fit_part, progress)
     if system.memory is not None:
         remember_gradients(system, t, fit_part)
     image, patch = held_out_scores(system, t, train.subset(folds[0]) if folds else fit_part)

@@ -26,6 +26,7 @@ from moleflow.model.adapters import DIA, SpatialMixer, StatsWhitening, Whitening
 from moleflow.config import ModelConfig
 from moleflow.model.flow import BaseFlow
 from moleflow.model.lora import LoRALinear
+from moleflow.model.memory import PatchMemory, greedy_coreset
 from moleflow.model.positional import PositionalEncoding
 
 
@@ -49,6 +50,7 @@ class MoLEFlow(nn.Module):
         self.mixer = SpatialMixer(self.channels) if cfg.spatial_mixer else None
         self.flow = BaseFlow(self.channels, cfg)
         self.dia = nn.ModuleDict()  # per task; stays empty with dia_blocks = 0
+        self.memory = nn.ModuleDict()  # per task; stays empty with memory_share = 0
         self._task_keys: list[str] = []
         self._active: str | None = None
 
@@ -106,6 +108,8 @@ class MoLEFlow(nn.Module):
             self.dia[key] = DIA(self.channels, cfg.dia_blocks, cfg.dia_hidden_ratio, cfg.clamp).to(
                 device=ref.device, dtype=ref.dtype
             )
+        if cfg.memory_share > 0:
+            self.memory[key] = PatchMemory(self.in_channels).to(device=ref.device, dtype=ref.dtype)
         self._task_keys.append(key)
 
     def remove_task(self, t: int) -> None:
@@ -113,7 +117,7 @@ class MoLEFlow(nn.Module):
         key = self._key(t)
         for layer in self._lora_layers():
             layer.remove_task(key)
-        for d in (self.whitening, self.dia):
+        for d in (self.whitening, self.dia, self.memory):
             if key in d:
                 del d[key]
         self._task_keys.remove(key)
@@ -196,6 +200,31 @@ class MoLEFlow(nn.Module):
         if self.stats_whitening:
             self.whitening[self._key(t)].fit(patches)
 
+    def fit_memory(self, t: int, patches: torch.Tensor, seed: int) -> None:
+        """Fill task t's patch memory with a greedy coreset of `model.memory_share` of its training
+        patches (N, H, W, C); no-op without a memory."""
+        key = self._key(t)
+        if key not in self.memory:
+            return
+        bank = patches.reshape(-1, patches.shape[-1]).to(device=self.device, dtype=torch.float32)  # (N·H·W, C)
+        idx = greedy_coreset(bank, max(1, int(self.cfg.memory_share * len(bank))), seed)
+        memory = self.memory[key]
+        memory.bank = bank[idx].clone()
+        # the scales: medians over (up to 32 of) the training images' patches, after the flow trained
+        sample = patches[torch.linspace(0, len(patches) - 1, min(32, len(patches))).long()]
+        x = sample.to(device=self.device, dtype=torch.float32)  # (b, H, W, C)
+        with torch.no_grad(), self.use_task(t):
+            z, _ = self(x)
+            memory.scale = torch.stack([z.norm(dim=-1).median(), memory.distance(x).median()]).clamp_min(1e-12)
+
+    def memory_distance(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Under the active task: x (B, H, W, C) -> (distance to the nearest memory patch (B, H, W), the
+        memory's scales (2,): flow ‖z‖ and distance medians over the task's training patches)."""
+        key = self._require_active()
+        if key not in self.memory:
+            raise RuntimeError(f"task {key} has no patch memory (model.memory_share = 0 when it was built)")
+        return self.memory[key].distance(x), self.memory[key].scale
+
     def forward_routed(self, x: torch.Tensor, task_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each image under its own task: one sub-batch per distinct task, results scattered back."""
         b = x.shape[0]
@@ -228,7 +257,7 @@ class MoLEFlow(nn.Module):
         tensors: list[torch.Tensor] = []
         for layer in self._lora_layers():
             tensors.extend(layer.task_parameters(key))
-        for d in (self.whitening, self.dia):
+        for d in (self.whitening, self.dia, self.memory):
             if key in d:
                 tensors.extend(d[key].state_dict(keep_vars=True).values())
         return {id(v) for v in tensors}
@@ -316,6 +345,9 @@ class MoLEFlow(nn.Module):
         created = key not in self._task_keys
         if created:
             self.add_task(t)
+        bank = sd.get(f"memory.{key}.bank")
+        if key in self.memory and bank is not None:
+            self.memory[key].resize(bank.shape[0])  # a memory's size is its training set's
         owners = self._owners()
         try:
             self._load_into([n for n, o in owners.items() if o == key], sd, f"task {t} model state")

@@ -1,0 +1,59 @@
+"""A task's patch memory: a coreset of its training patches, and each patch's distance to the nearest one.
+
+    x (B, H, W, C) ──distance──► d (B, H, W): Euclidean distance to the nearest memory patch
+
+This is PatchCore's score (Roth et al. 2022: k-centre greedy coreset of the training patches, nearest
+neighbour) kept per task, next to the flow: over the same features it localizes better than the flow does
+(docs/localization.md), and a task's memory holds only its own training patches, so it keeps complete
+separation (no task reads or changes another's). `scale` holds the medians over the task's training
+patches of the flow's ‖z‖ and of d, so `scoring.memory_weight` blends two scores of the same unit.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def greedy_coreset(bank: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
+    """Indices (size,) of a k-centre greedy coreset of the rows of `bank` (N, C): starting from a seeded
+    random row, repeatedly keep the row farthest from those kept (PatchCore's selection)."""
+    if not 1 <= size <= len(bank):
+        raise ValueError(f"greedy_coreset: size must lie in [1, {len(bank)}], got {size}")
+    first = int(torch.randint(len(bank), (1,), generator=torch.Generator().manual_seed(seed)))
+    sq = bank.pow(2).sum(1)  # (N,): squared distances as ‖b‖² − 2 b·c + ‖c‖², one mat-vec per step
+    dist = sq - 2 * bank @ bank[first] + sq[first]
+    kept = torch.empty(size, dtype=torch.long, device=bank.device)
+    kept[0] = first
+    for i in range(1, size):
+        j = dist.argmax()
+        kept[i] = j
+        dist = torch.minimum(dist, sq - 2 * bank @ bank[j] + sq[j])
+    return kept
+
+
+class PatchMemory(nn.Module):
+    """Memory patches (M, C) and the scales (flow ‖z‖ median, distance median) of one task."""
+
+    def __init__(self, channels: int, size: int = 0) -> None:
+        super().__init__()
+        self.register_buffer("bank", torch.zeros(size, channels))  # (M, C)
+        self.register_buffer("scale", torch.ones(2))  # (flow ‖z‖, nearest distance) medians over training patches
+
+    def resize(self, size: int) -> None:
+        """Make room for `size` memory patches (before loading a saved task's bank)."""
+        self.bank = self.bank.new_zeros(size, self.bank.shape[1])
+
+    def distance(self, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """x (B, H, W, C) -> (B, H, W): distance of each patch to its nearest memory patch."""
+        if self.bank.shape[0] == 0:
+            raise RuntimeError("the patch memory is empty: the task was not trained with a memory")
+        b, h, w, c = x.shape
+        flat = x.reshape(b * h * w, c)
+        sq = flat.pow(2).sum(1, keepdim=True)  # (P, 1)
+        best = []
+        for s in range(0, self.bank.shape[0], chunk):  # bounded (P, chunk) blocks: memory stays small
+            m = self.bank[s : s + chunk]
+            d2 = sq - 2 * flat @ m.T + m.pow(2).sum(1)[None]  # (P, chunk)
+            best.append(d2.min(dim=1).values)
+        d2 = torch.stack(best, dim=1).min(dim=1).values if len(best) > 1 else best[0]
+        return d2.clamp_min(0).sqrt().reshape(b, h, w)

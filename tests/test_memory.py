@@ -1,0 +1,82 @@
+"""The per-task patch memory (model/memory.py): PatchCore's coreset and nearest distance, kept per task."""
+import torch
+
+from moleflow.config import ModelConfig, ScoringConfig
+from moleflow.model.memory import PatchMemory, greedy_coreset
+from moleflow.model.mole_flow import MoLEFlow
+from moleflow.scoring import routed_patch_scores, task_patch_scores
+
+
+def test_greedy_coreset_keeps_the_farthest_patch_each_step():
+    g = torch.Generator().manual_seed(0)
+    bank = torch.randn(300, 5, generator=g)
+    kept = greedy_coreset(bank, 12, seed=3).tolist()
+    assert len(set(kept)) == 12
+    for i in range(1, 12):  # brute force: the next one is the farthest from all kept so far
+        d = torch.cdist(bank, bank[kept[:i]]).min(dim=1).values
+        assert kept[i] == int(d.argmax())
+    assert greedy_coreset(bank, 12, seed=3).tolist() == kept
+
+
+def test_distance_is_the_nearest_memory_patch_in_chunks():
+    g = torch.Generator().manual_seed(1)
+    mem = PatchMemory(6)
+    mem.bank = torch.randn(50, 6, generator=g)
+    x = torch.randn(2, 3, 4, 6, generator=g)
+    ref = torch.cdist(x.reshape(-1, 6).double(), mem.bank.double()).min(dim=1).values.reshape(2, 3, 4)
+    torch.testing.assert_close(mem.distance(x).double(), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mem.distance(x, chunk=7), mem.distance(x), rtol=1e-5, atol=1e-5)
+    assert float(mem.distance(mem.bank[:4].reshape(1, 2, 2, 6)).max()) < 1e-2  # a memory patch is at distance ~0
+
+
+def _model():
+    cfg = ModelConfig(coupling_blocks=2, lora_rank=2, dia_blocks=1, context_kernel=3, pos_encoding="none",
+                      memory_share=0.05)
+    model = MoLEFlow(cfg, 8).eval()
+    for t in (0, 1):
+        model.add_task(t)
+    return model
+
+
+def test_memory_is_the_tasks_own_and_loads_at_its_own_size():
+    model = _model()
+    g = torch.Generator().manual_seed(2)
+    p0, p1 = torch.randn(6, 4, 4, 8, generator=g), torch.randn(9, 4, 4, 8, generator=g) + 3
+    model.fit_memory(0, p0, seed=0)
+    model.fit_memory(1, p1, seed=0)
+    assert model.memory["0"].bank.shape == (int(0.05 * 96), 8) and model.memory["1"].bank.shape == (int(0.05 * 144), 8)
+    assert model.task_parameter_count(0) == model.task_parameter_count(1)  # buffers, not parameters
+    # a memory patch is one of the task's own training patches
+    flat0 = p0.reshape(-1, 8)
+    assert all(bool((flat0 == row).all(dim=1).any()) for row in model.memory["0"].bank)
+    other = _model()
+    other.load_task_state_dict(1, model.task_state_dict(1))
+    assert torch.equal(other.memory["1"].bank, model.memory["1"].bank)
+    assert torch.equal(other.memory["1"].scale, model.memory["1"].scale)
+
+
+def test_blend_is_the_weighted_sum_of_both_scores_over_their_training_medians_and_routes_per_task():
+    model = _model()
+    g = torch.Generator().manual_seed(3)
+    p = [torch.randn(6, 4, 4, 8, generator=g), torch.randn(6, 4, 4, 8, generator=g) * 2]
+    for t in (0, 1):
+        model.fit_memory(t, p[t], seed=0)
+    x = torch.randn(3, 4, 4, 8, generator=g)
+    cfg = ScoringConfig(patch_score="blend", memory_weight=0.25)
+    with torch.no_grad(), model.use_task(1):
+        z, _ = model(x)
+        d = model.memory["1"].distance(x)
+        s = task_patch_scores(model, x, cfg)
+        # the scales are the medians over the training patches
+        zt, _ = model(p[1])
+        assert torch.allclose(model.memory["1"].scale[0], zt.norm(dim=-1).median())
+    ref = 0.75 * z.norm(dim=-1) / model.memory["1"].scale[0] + 0.25 * d / model.memory["1"].scale[1]
+    torch.testing.assert_close(s, ref)
+    with torch.no_grad():
+        mixed = routed_patch_scores(model, x, torch.tensor([1, 0, 1]), cfg)
+        with model.use_task(0):
+            s0 = task_patch_scores(model, x, cfg)
+    torch.testing.assert_close(mixed, torch.stack([s[0], s0[1], s[2]]))
+    with torch.no_grad(), model.use_task(1):  # memory_weight 1: PatchCore's score in units of its median
+        torch.testing.assert_close(task_patch_scores(model, x, ScoringConfig(patch_score="blend", memory_weight=1.0)),
+                                   d / model.memory["1"].scale[1])
