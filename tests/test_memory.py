@@ -80,3 +80,22 @@ def test_blend_is_the_weighted_sum_of_both_scores_over_their_training_medians_an
     with torch.no_grad(), model.use_task(1):  # memory_weight 1: PatchCore's score in units of its median
         torch.testing.assert_close(task_patch_scores(model, x, ScoringConfig(patch_score="blend", memory_weight=1.0)),
                                    d / model.memory["1"].scale[1])
+
+
+def test_hybrid_routing_by_memory_picks_the_task_whose_memory_is_nearest():
+    from moleflow.config import RouterConfig
+    from moleflow.router import TaskRouter
+    from moleflow.scoring import Scorer
+
+    model = _model()
+    g = torch.Generator().manual_seed(4)
+    p = [torch.randn(6, 4, 4, 8, generator=g), torch.randn(6, 4, 4, 8, generator=g) + 4]
+    router = TaskRouter(RouterConfig(mode="hybrid", hybrid_score="memory", shrinkage=0.5))
+    for t in (0, 1):
+        model.fit_memory(t, p[t], seed=0)
+        router.add_task(t, torch.randn(6, 16, generator=g) + 10 * t)  # descriptors: task 1 far away
+    scorer = Scorer(model, router, ScoringConfig(), 32, torch.device("cpu"))
+    x = torch.cat([p[1][:2], p[0][:1]])  # patches of task 1, 1, 0 ...
+    desc = torch.zeros(3, 16)  # ... whose descriptors all sit at task 0's prototype
+    assert router.distances(desc).argmin(dim=1).tolist() == [0, 0, 0]
+    assert scorer.route(x, desc).tolist() == [1, 1, 0]  # the memories decide between the top two

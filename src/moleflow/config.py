@@ -154,6 +154,9 @@ class ScoringConfig:
 class RouterConfig:
     mode: Literal["mahalanobis", "oracle", "hybrid"] = "mahalanobis"
     hybrid_top_k: int = 2
+    # What "hybrid" compares among the top-k tasks: the flow's mean patch NLL (the notes'), or "memory": the
+    # mean distance of the image's patches to each task's patch memory, over that task's training median.
+    hybrid_score: Literal["nll", "memory"] = "nll"
     unknown: bool = False  # answer "unknown" beyond the per-task distance threshold
     unknown_quantile: float = 0.99
     # Unknown beyond this times the quantile of the calibration images' distances. Defective images of a
@@ -374,6 +377,8 @@ def validate(cfg: Config) -> None:
         (cfg.scoring.calibration_folds * cfg.scoring.calibration_holdout <= 1.0 + 1e-9,
          "scoring.calibration_folds × scoring.calibration_holdout must be at most 1 (the shares are disjoint)"),
         (0.0 <= cfg.model.memory_share <= 1.0, "model.memory_share must lie in [0, 1]"),
+        (cfg.router.hybrid_score != "memory" or cfg.model.memory_share > 0,
+         "router.hybrid_score memory reads each task's patch memory: set model.memory_share > 0 (e.g. 0.01)"),
         (0.0 <= cfg.scoring.memory_weight <= 1.0, "scoring.memory_weight must lie in [0, 1]"),
         (cfg.scoring.patch_score != "blend" or cfg.model.memory_share > 0,
          "scoring.patch_score blend reads each task's patch memory: set model.memory_share > 0 (e.g. 0.01)"),

@@ -64,11 +64,14 @@ def task_patch_scores(model: MoLEFlow, x: torch.Tensor, cfg: ScoringConfig) -> t
     (PatchCore's score), w = `scoring.memory_weight`, and m_z, m_d their medians over the task's training
     patches: ‖z‖ (not ½‖z‖²) so both parts grow linearly with a patch's distance from the normal ones.
     """
-    z, log_det = model(x)  # (B, H, W, C'), (B, H, W)
     if cfg.patch_score != "blend":
+        z, log_det = model(x)  # (B, H, W, C'), (B, H, W)
         return patch_scores(z, log_det, cfg.patch_score)
     d, scale = model.memory_distance(x)  # (B, H, W), (2,)
     w = cfg.memory_weight
+    if w == 1.0:
+        return d / scale[1]  # the flow would not count
+    z, _ = model(x)
     return (1 - w) * z.norm(dim=-1) / scale[0] + w * d / scale[1]
 
 
@@ -156,6 +159,9 @@ class Scores:
         return Scores(self.tasks[index], self.image[index], self.patch[index], None if self.maps is None else self.maps[index])
 
 
+_MEMORY_ONLY = ScoringConfig(patch_score="blend", memory_weight=1.0)  # the memory's distance over its median
+
+
 class Scorer:
     """A trained model and its router, turning features (or images, given the extractor) into scores.
 
@@ -171,14 +177,18 @@ class Scorer:
     # ---------------------------------------------------------------- routing
 
     def _likelihood_fn(self, patches: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
-        """For the hybrid router: mean patch NLL of images `index` of `patches` under `tasks`.
-        Always the NLL (a likelihood compares tasks), whatever `scoring.patch_score` the maps use."""
+        """For the hybrid router: per image of `index` of `patches` under `tasks`, the flow's mean patch
+        NLL (a likelihood compares tasks, whatever `scoring.patch_score` the maps use), or with
+        `router.hybrid_score: memory` the mean distance to the task's patch memory over its training median."""
         if self.router.cfg.mode != "hybrid":
             return None
+        memory = self.router.cfg.hybrid_score == "memory"
 
         @torch.no_grad()
         def nll(index: torch.Tensor, tasks: torch.Tensor) -> torch.Tensor:
             x = patches[index.to(patches.device)].to(device=self.device, dtype=torch.float32)  # (b, H, W, C)
+            if memory:
+                return routed_patch_scores(self.model, x, tasks, _MEMORY_ONLY).mean(dim=(1, 2)).cpu()
             z, log_det = self.model.forward_routed(x, tasks.to(self.device))
             return patch_scores(z, log_det, "nll").mean(dim=(1, 2)).cpu()
 
