@@ -74,3 +74,30 @@ def test_without_a_held_out_share_the_threshold_is_in_sample_and_no_fold_model_t
     _, log = learn_new_task(system, ["a"], train, progress=False, step=0)
     assert (log.n_train, log.n_calibration, log.calibration_folds, log.calibration_seconds) == (8, None, None, None)
     assert system.tasks[0].threshold == pytest.approx(float(np.quantile(held_out_scores(system, 0, train)[0], 0.99)))
+
+
+def test_with_memory_scores_alone_the_fold_models_are_memories_of_the_other_images():
+    from moleflow.model.memory import PatchMemory, greedy_coreset
+
+    over = ["scoring.calibration_folds=4", "scoring.calibration_holdout=0.25", "scoring.patch_score=blend",
+            "scoring.memory_weight=1.0", "model.memory_share=0.05"]
+    cfg = load_config(CONFIGS / "smoke.yaml", over)
+    seed_everything(cfg.train.seed)
+    system = build_system(cfg)
+    train = _features(system, 16, seed=2)
+    _, log = learn_new_task(system, ["a"], train, progress=False, step=0)
+    folds = held_out_folds(16, 0.25, 4, seed=cfg.train.seed * 1000)
+    pooled = [held_out_scores(system, 0, train.subset(folds[0]))[0]]
+    c = train.patches.shape[-1]
+    for held in folds[1:]:  # independently: a coreset of the other images' patches, distance over its median
+        keep = torch.ones(16, dtype=torch.bool)
+        keep[held] = False
+        rest = train.patches[keep].float()
+        bank = rest.reshape(-1, c)
+        mem = PatchMemory(c)
+        mem.bank = bank[greedy_coreset(bank, int(0.05 * len(bank)), seed=cfg.train.seed)]
+        sample = rest[torch.linspace(0, len(rest) - 1, min(32, len(rest))).long()]
+        d = mem.distance(train.patches[held].float()) / mem.distance(sample).median()
+        pooled.append(d.flatten(1).topk(cfg.scoring.top_k, dim=1).values.mean(1).numpy())
+    assert system.tasks[0].threshold == pytest.approx(float(np.quantile(np.concatenate(pooled), 0.99)), rel=1e-4)
+    assert log.n_calibration == 16

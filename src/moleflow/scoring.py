@@ -57,6 +57,11 @@ def patch_scores(z: torch.Tensor, log_det: torch.Tensor, kind: str = "nll") -> t
     raise ValueError(f"scoring.patch_score must be 'nll' or 'latent', got {kind!r}")
 
 
+def reads_flow(cfg: ScoringConfig) -> bool:
+    """Whether `task_patch_scores` reads the flow (not with a blend of memory weight 1)."""
+    return cfg.patch_score != "blend" or cfg.memory_weight < 1.0
+
+
 def task_patch_scores(model: MoLEFlow, x: torch.Tensor, cfg: ScoringConfig) -> torch.Tensor:
     """Under the model's active task: patches x (B, H, W, C) -> patch scores (B, H, W) of `cfg.patch_score`.
 
@@ -69,7 +74,7 @@ def task_patch_scores(model: MoLEFlow, x: torch.Tensor, cfg: ScoringConfig) -> t
         return patch_scores(z, log_det, cfg.patch_score)
     d, scale = model.memory_distance(x)  # (B, H, W), (2,)
     w = cfg.memory_weight
-    if w == 1.0:
+    if not reads_flow(cfg):
         return d / scale[1]  # the flow would not count
     z, _ = model(x)
     return (1 - w) * z.norm(dim=-1) / scale[0] + w * d / scale[1]

@@ -31,7 +31,7 @@ from moleflow.model.checkpoint import CheckpointError, TaskRecord
 from moleflow.model.mole_flow import MoLEFlow
 from moleflow.results.schema import TrainLog
 from moleflow.router import Prototype, TaskRouter
-from moleflow.scoring import Scorer
+from moleflow.scoring import Scorer, reads_flow
 
 
 @dataclass
@@ -130,7 +130,10 @@ def _fold_scores(system: System, t: int, train: FeatureSet, folds: list[torch.Te
     for held in folds[1:]:
         model = copy.deepcopy(start)
         seed_everything(system.cfg.train.seed + step)
-        _fit(system, model, t, _without(train, held), progress)
+        if reads_flow(system.cfg.scoring):
+            _fit(system, model, t, _without(train, held), progress)
+        else:  # the scores read the patch memory alone: its coreset is the whole training
+            model.fit_memory(t, _without(train, held).patches, seed=system.cfg.train.seed)
         scores.append(held_out_scores(dataclasses.replace(system, model=model.eval()), t, train.subset(held))[0])
     return scores
 
