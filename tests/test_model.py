@@ -111,7 +111,7 @@ def test_fresh_task_starts_at_the_shared_flow():
 
 
 def test_training_task1_leaves_shared_and_task0_bitwise_unchanged():
-    model = make_model(n_tasks=1)
+    model = make_model(n_tasks=1, memory_share=0.05)  # with a patch memory: filling task 1's leaves the rest too
     x0, x1 = features(seed=1), features(seed=2) * 0.5 - 1.0
     # a few real task-0 steps so that task 0 and the shared part are not at their initial values
     opt = torch.optim.AdamW(model.set_trainable(0), lr=1e-2, weight_decay=0.1)
@@ -176,7 +176,7 @@ def test_gradients_reach_only_the_trainable_parameters(task):
 
 
 def test_trainable_sets_follow_complete_separation():
-    model = make_model(n_tasks=2)
+    model = make_model(n_tasks=2, memory_share=0.05)
     t0 = {n for n, p in model.named_parameters() if id(p) in {id(q) for q in model.set_trainable(0)}}
     assert any(n.endswith("context_conv.weight") for n in t0) and any(n.endswith("context_logit") for n in t0)
     assert any(n.startswith("mixer.") for n in t0) and "flow.blocks.0.subnet.fc1.weight" in t0

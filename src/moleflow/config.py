@@ -88,8 +88,10 @@ class ModelConfig:
     pos_encoding: Literal["add", "concat", "none"] = "concat"
     pos_encoding_dim: int = 32  # channels appended in "concat" mode
     # Per-task patch memory: a greedy coreset of this share of the task's training patches (PatchCore's),
-    # read by scoring.patch_score "blend". 0: none (the notes').
-    memory_share: float = 0.01
+    # read by scoring.patch_score "blend" and router.hybrid_score "memory". 0: none (the default and the
+    # notes'; 0.01 is PatchCore's share; docs/localization.md measures the blend; its greedy selection
+    # takes minutes per task on a CPU).
+    memory_share: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -145,9 +147,10 @@ class ScoringConfig:
     # Held-out shares scored for the threshold (k-fold): the shipped modules train without share 0; each
     # further share is scored by a throwaway copy of the task's modules trained the same way without it,
     # and the quantile is taken over all of them. One share of ~40 images puts the 0.99 quantile anywhere
-    # from 127 to 199 on bottle (20 % false alarms on its test goods at worst); five pooled: 0 %
-    # (docs/localization.md). Costs this many trainings per task. 1: share 0 alone.
-    calibration_folds: int = 5
+    # from 127 to 199 on bottle (20 % false alarms on its test goods at worst); pooled shares steady it
+    # (docs/localization.md). Costs this many trainings per task (3: three fifths of the training images
+    # get an out-of-fold score). 1: share 0 alone.
+    calibration_folds: int = 3
 
 
 @dataclass(frozen=True)
