@@ -72,6 +72,7 @@ def _results(run: Path) -> dict:
     r.pop("timings")
     for s in r["steps"]:
         s["train"].pop("seconds")
+        s["train"].pop("calibration_seconds", None)
     return r
 
 

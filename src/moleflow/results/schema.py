@@ -2,10 +2,8 @@
 
 Layout of results.json, keys in the order written (`RunResults.to_json`):
 
-    format_version  3 (adds the k-fold calibration's fold count and seconds to each step's `TrainLog`);
-                    2 added each task's false-alarm and miss rates at its threshold, and the number of
-                    held-out calibration images; versions 1, 2 and 3 are read; files written before the
-                    field existed are version 1
+    format_version  3 (k-fold calibration: folds, seconds); 2: false-alarm / miss rates, calibration
+                    images; 1: files written before the field existed. All three are read.
     method          "moleflow" | "finetune" | "joint"; absent in `add-task` (without an earlier
                     results.json) and `evaluate` runs
     tasks           class names per task: [["bottle"], ["grid"]]
@@ -16,9 +14,8 @@ Layout of results.json, keys in the order written (`RunResults.to_json`):
     final           `Final`: means of the last step, forgetting, the matrices R[t][j]
     skipped_files   only when data.skip_bad left images out: [{"path", "reason"}]
 
-Reading is strict: a missing or unknown key, or a format_version this moleflow does not know, raises
-`ResultsFormatError` (a ValueError) naming the place, so nothing is dropped silently when results are
-read and written again. A new key therefore needs a field here first.
+Reading is strict: a missing or unknown key, or an unknown format_version, raises `ResultsFormatError`
+(a ValueError) naming the place, so nothing is dropped silently on a round trip: a new key needs a field.
 """
 from __future__ import annotations
 
