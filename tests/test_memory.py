@@ -4,7 +4,7 @@ import torch
 from moleflow.config import ModelConfig, ScoringConfig
 from moleflow.model.memory import PatchMemory, greedy_coreset
 from moleflow.model.mole_flow import MoLEFlow
-from moleflow.scoring import routed_patch_scores, task_patch_scores
+from moleflow.scoring import patch_score_label, routed_patch_scores, task_patch_scores
 
 
 def test_greedy_coreset_keeps_the_farthest_patch_each_step():
@@ -77,9 +77,17 @@ def test_blend_is_the_weighted_sum_of_both_scores_over_their_training_medians_an
         with model.use_task(0):
             s0 = task_patch_scores(model, x, cfg)
     torch.testing.assert_close(mixed, torch.stack([s[0], s0[1], s[2]]))
+    memory_only = ScoringConfig(patch_score="blend", memory_weight=1.0)
     with torch.no_grad(), model.use_task(1):  # memory_weight 1: PatchCore's score in units of its median
-        torch.testing.assert_close(task_patch_scores(model, x, ScoringConfig(patch_score="blend", memory_weight=1.0)),
-                                   d / model.memory["1"].scale[1])
+        torch.testing.assert_close(task_patch_scores(model, x, memory_only), d / model.memory["1"].scale[1])
+    assert "flow" in patch_score_label(cfg) and "flow" not in patch_score_label(memory_only)
+    # a throwaway model scored by the memory alone skips the flow's median; the distance's is the same
+    bare = _model()
+    bare.fit_memory(1, p[1], seed=0, flow_scale=False)
+    assert torch.equal(bare.memory["1"].bank, model.memory["1"].bank)
+    assert bare.memory["1"].scale[0] == 1 and bare.memory["1"].scale[1] == model.memory["1"].scale[1]
+    with torch.no_grad(), bare.use_task(1):
+        torch.testing.assert_close(task_patch_scores(bare, x, memory_only), d / model.memory["1"].scale[1])
 
 
 def test_hybrid_routing_by_memory_picks_the_task_whose_memory_is_nearest():

@@ -91,10 +91,13 @@ def routed_patch_scores(model: MoLEFlow, x: torch.Tensor, tasks: torch.Tensor, c
     return out
 
 
-def patch_score_label(kind: str) -> str:
-    """What a map of `patch_scores(..., kind)` shows, for colour bars and legends."""
-    return {"nll": "anomaly score (patch NLL)", "latent": "anomaly score (½‖z‖² per patch)",
-            "blend": "anomaly score (flow ‖z‖ + nearest-patch distance, in training medians)"}[kind]
+def patch_score_label(cfg: ScoringConfig) -> str:
+    """What a map of `task_patch_scores(..., cfg)` shows, for colour bars and legends."""
+    if cfg.patch_score == "blend":
+        if not reads_flow(cfg):
+            return "anomaly score (nearest-patch distance / its training median)"
+        return "anomaly score (flow ‖z‖ + nearest-patch distance, in training medians)"
+    return {"nll": "anomaly score (patch NLL)", "latent": "anomaly score (½‖z‖² per patch)"}[cfg.patch_score]
 
 
 def gaussian_kernel1d(sigma: float, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> torch.Tensor:

@@ -113,7 +113,7 @@ def _plot(run: RunDir, system: System, results: RunResults, test_sets: dict, sco
             routed=sc.tasks.numpy(),
         ))
     write_run_plots(run.path, results, views, system.cfg.data.image_size, system.cfg.output.panels_per_task,
-                    patch_score_label(system.cfg.scoring.patch_score))
+                    patch_score_label(system.cfg.scoring))
     write_report_html(run.path, results)
 
 

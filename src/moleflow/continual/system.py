@@ -130,10 +130,11 @@ def _fold_scores(system: System, t: int, train: FeatureSet, folds: list[torch.Te
     for held in folds[1:]:
         model = copy.deepcopy(start)
         seed_everything(system.cfg.train.seed + step)
+        rest = _without(train, held)
         if reads_flow(system.cfg.scoring):
-            _fit(system, model, t, _without(train, held), progress)
-        else:  # the scores read the patch memory alone: its coreset is the whole training
-            model.fit_memory(t, _without(train, held).patches, seed=system.cfg.train.seed)
+            _fit(system, model, t, rest, progress)
+        else:  # the scores read the patch memory alone: its coreset is the whole training, no flow needed
+            model.fit_memory(t, rest.patches, seed=system.cfg.train.seed, flow_scale=False)
         scores.append(held_out_scores(dataclasses.replace(system, model=model.eval()), t, train.subset(held))[0])
     return scores
 

@@ -200,9 +200,10 @@ class MoLEFlow(nn.Module):
         if self.stats_whitening:
             self.whitening[self._key(t)].fit(patches)
 
-    def fit_memory(self, t: int, patches: torch.Tensor, seed: int) -> None:
+    def fit_memory(self, t: int, patches: torch.Tensor, seed: int, flow_scale: bool = True) -> None:
         """Fill task t's patch memory with a greedy coreset of `model.memory_share` of its training
-        patches (N, H, W, C); no-op without a memory."""
+        patches (N, H, W, C); no-op without a memory. `flow_scale=False` skips the flow's ‖z‖ median
+        (left at 1) for a throwaway model whose scores read the memory alone and whose flow never trained."""
         key = self._key(t)
         if key not in self.memory:
             return
@@ -214,8 +215,8 @@ class MoLEFlow(nn.Module):
         sample = patches[torch.linspace(0, len(patches) - 1, min(32, len(patches))).long()]
         x = sample.to(device=self.device, dtype=torch.float32)  # (b, H, W, C)
         with torch.no_grad(), self.use_task(t):
-            z, _ = self(x)
-            memory.scale = torch.stack([z.norm(dim=-1).median(), memory.distance(x).median()]).clamp_min(1e-12)
+            m_z = self(x)[0].norm(dim=-1).median() if flow_scale else x.new_ones(())
+            memory.scale = torch.stack([m_z, memory.distance(x).median()]).clamp_min(1e-12)
 
     def memory_distance(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Under the active task: x (B, H, W, C) -> (distance to the nearest memory patch (B, H, W), the
