@@ -21,13 +21,13 @@ def greedy_coreset(bank: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor
         raise ValueError(f"greedy_coreset: size must lie in [1, {len(bank)}], got {size}")
     first = int(torch.randint(len(bank), (1,), generator=torch.Generator().manual_seed(seed)))
     sq = bank.pow(2).sum(1)  # (N,): squared distances as ‖b‖² − 2 b·c + ‖c‖², one mat-vec per step
-    dist = sq - 2 * bank @ bank[first] + sq[first]
+    dist = sq - 2 * (bank @ bank[first]) + sq[first]  # brackets: `2 * bank` would copy the bank
     kept = torch.empty(size, dtype=torch.long, device=bank.device)
     kept[0] = first
     for i in range(1, size):
         j = dist.argmax()
         kept[i] = j
-        dist = torch.minimum(dist, sq - 2 * bank @ bank[j] + sq[j])
+        dist = torch.minimum(dist, sq - 2 * (bank @ bank[j]) + sq[j])
     return kept
 
 
@@ -53,7 +53,7 @@ class PatchMemory(nn.Module):
         best = []
         for s in range(0, self.bank.shape[0], chunk):  # bounded (P, chunk) blocks: memory stays small
             m = self.bank[s : s + chunk]
-            d2 = sq - 2 * flat @ m.T + m.pow(2).sum(1)[None]  # (P, chunk)
+            d2 = sq - 2 * (flat @ m.T) + m.pow(2).sum(1)[None]  # (P, chunk)
             best.append(d2.min(dim=1).values)
         d2 = torch.stack(best, dim=1).min(dim=1).values if len(best) > 1 else best[0]
         return d2.clamp_min(0).sqrt().reshape(b, h, w)
