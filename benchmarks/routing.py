@@ -17,7 +17,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -25,12 +24,12 @@ from pathlib import Path
 import torch
 
 from moleflow.config import load_config
-from moleflow.data import build_dataset
 from moleflow.features.backbone import FeatureExtractor
-from moleflow.features.cache import extract_features
+from moleflow.features.cache import FeatureSet
 from moleflow.model.mole_flow import MoLEFlow
 from moleflow.router import TaskRouter
 from moleflow.scoring import Scorer
+from unknown import product_features  # benchmarks/unknown.py, beside this script
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 RULES = {"descriptor (default)": ["router.mode=mahalanobis"],
@@ -51,13 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(None, base + RULES["hybrid, memory"])
     extractor = FeatureExtractor(cfg.backbone, cfg.data.image_size)
 
-    def features(spec: str, split: str):
-        if ":" in spec:
-            ds = build_dataset(cfg.data, spec, split)
-        else:
-            folder = Path(spec)
-            ds = build_dataset(dataclasses.replace(cfg.data, root=str(folder.parent), roots={}), folder.name, split)
-        return extract_features(extractor, ds, batch_size=cfg.backbone.batch_size, cache_dir=args.cache, progress=False)
+    def features(spec: str, split: str) -> FeatureSet:
+        return product_features(cfg, extractor, spec, split, args.cache)
 
     learned = args.learn.split(",")
     routers = {rule: TaskRouter(load_config(None, base + over).router) for rule, over in RULES.items()}

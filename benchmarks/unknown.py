@@ -23,14 +23,24 @@ from pathlib import Path
 
 import torch
 
-from moleflow.config import load_config
+from moleflow.config import Config, load_config
 from moleflow.continual.system import calibration_index
 from moleflow.data import build_dataset
 from moleflow.features.backbone import FeatureExtractor
-from moleflow.features.cache import extract_features
+from moleflow.features.cache import FeatureSet, extract_features
 from moleflow.router import UNKNOWN, TaskRouter
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def product_features(cfg: Config, extractor: FeatureExtractor, spec: str, split: str, cache: str) -> FeatureSet:
+    """Features of a product's split: "dataset:class", or a class folder's path (MVTec layout)."""
+    if ":" in spec:
+        ds = build_dataset(cfg.data, spec, split)
+    else:
+        folder = Path(spec)
+        ds = build_dataset(dataclasses.replace(cfg.data, root=str(folder.parent), roots={}), folder.name, split)
+    return extract_features(extractor, ds, batch_size=cfg.backbone.batch_size, cache_dir=cache, progress=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,14 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(None, ["data.dataset=mvtec", f"data.roots={json.dumps({'mvtec': str(SHARED / 'mvtec_ad')})}", "router.unknown=true"])
     extractor = FeatureExtractor(cfg.backbone, cfg.data.image_size)
 
-    def features(spec: str, split: str):
-        """A learned product's "dataset:class", or a class folder's path (MVTec layout)."""
-        if ":" in spec:
-            ds = build_dataset(cfg.data, spec, split)
-        else:
-            folder = Path(spec)
-            ds = build_dataset(dataclasses.replace(cfg.data, root=str(folder.parent), roots={}), folder.name, split)
-        return extract_features(extractor, ds, batch_size=cfg.backbone.batch_size, cache_dir=args.cache, progress=False)
+    def features(spec: str, split: str) -> FeatureSet:
+        return product_features(cfg, extractor, spec, split, args.cache)
 
     router = TaskRouter(cfg.router)
     learned = args.learn.split(",")
