@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/serve.py MODEL_DIR IMAGES_DIR [--clients 8] [--requests 160]
         [--add mvtec:transistor --root ../shared/data/mvtec_ad] [--json]
 
-Works on a copy of MODEL_DIR (the original is not changed). Starts `moleflow serve`'s app with uvicorn on
+Works on a copy of MODEL_DIR (the original is not changed). Starts `moleflow serve` in its own process on
 127.0.0.1, then:
 1. `predict`'s batched rate in this process, for reference: what `moleflow predict` does for a batch of
    `--batch` files (decode them, `Detector.predict_tensors`), minus writing the PNGs;
@@ -25,6 +25,7 @@ import json
 import shutil
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -34,54 +35,68 @@ from pathlib import Path
 
 import httpx
 import torch
-import uvicorn
 
 from moleflow.api import Detector
 from moleflow.continual.jobs import run_add_task
 from moleflow.data import load_image
 from moleflow.predict import collect_images
-from moleflow.service.app import ServiceConfig, create_app
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def predict_rate(model: Path, files: list[Path], batch: int, repeats: int = 3) -> float:
-    """What `moleflow predict` does per batch, minus writing the PNGs: decode the files, score them."""
+def predict_rate(model: Path, files: list[Path], batch: int, count: int = 80) -> float:
+    """What `moleflow predict` does per batch, minus writing the PNGs: decode the files, score them;
+    over `count` images (batches of `batch`), after one warm-up batch."""
     det = Detector.load(model)
-    chunk = files[:batch]
 
-    def once() -> None:
+    def once(chunk: list[Path]) -> None:
         det.predict_tensors(torch.stack([load_image(f, det.image_size) for f in chunk]), [str(f) for f in chunk])
 
-    once()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - t0)
-    return len(chunk) / statistics.median(times)
+    once(files[:batch])  # warm-up
+    todo = [files[i % len(files)] for i in range(count)]
+    t0 = time.perf_counter()
+    for k in range(0, count, batch):
+        once(todo[k : k + batch])
+    return count / (time.perf_counter() - t0)
 
 
 class Server:
+    """`moleflow serve MODEL --port P` in its own process, as deployed: the clients (and the add-task)
+    of this script do not share its interpreter lock."""
+
     def __init__(self, model: Path, max_batch: int) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        app = create_app(ServiceConfig(model, max_batch=max_batch))
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.cmd = [str(Path(sys.executable).parent / "moleflow"), "serve", str(model), "--host", "127.0.0.1",
+                    "--port", str(self.port), "--max-batch", str(max_batch), "--quiet"]
+        self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> str:
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.05)
-        return f"http://127.0.0.1:{self.port}"
+        url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"moleflow serve exited with code {self.proc.returncode}")
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    return url
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.proc.kill()
+        raise SystemExit("moleflow serve did not answer /health within 300 s")
 
     def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
+        assert self.proc is not None
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
 
 
 def load(url: str, files: list[Path], clients: int, requests: int, while_alive: threading.Thread | None = None) -> dict:
@@ -100,19 +115,22 @@ def load(url: str, files: list[Path], clients: int, requests: int, while_alive: 
         return i if i < requests or (while_alive is not None and while_alive.is_alive()) else None
 
     def client() -> None:
-        while (i := more()) is not None:
-            name, data = bodies[i % len(bodies)]
-            t0 = time.perf_counter()
-            try:
-                r = httpx.post(f"{url}/predict?maps=false", files=[("files", (name, data, "image/png"))], timeout=600)
-            except httpx.HTTPError as exc:
-                failed.append(repr(exc))
-                continue
-            if r.status_code != 200:
-                failed.append(f"{r.status_code}: {r.text[:200]}")
-                continue
-            generations.add(r.json()["generation"])
-            latencies.append(time.perf_counter() - t0)
+        with httpx.Client(base_url=url, timeout=600) as http:  # one keep-alive connection per client, as a camera PC's
+            while (i := more()) is not None:
+                send(http, *bodies[i % len(bodies)])
+
+    def send(http: httpx.Client, name: str, data: bytes) -> None:
+        t0 = time.perf_counter()
+        try:
+            r = http.post("/predict?maps=false", files=[("files", (name, data, "image/png"))])
+        except httpx.HTTPError as exc:
+            failed.append(repr(exc))
+            return
+        if r.status_code != 200:
+            failed.append(f"{r.status_code}: {r.text[:200]}")
+            return
+        generations.add(r.json()["generation"])
+        latencies.append(time.perf_counter() - t0)
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
