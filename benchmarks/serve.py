@@ -5,8 +5,8 @@
 
 Works on a copy of MODEL_DIR (the original is not changed). Starts `moleflow serve` in its own process on
 127.0.0.1, then:
-1. `predict`'s batched rate in this process, for reference: what `moleflow predict` does for a batch of
-   `--batch` files (decode them, `Detector.predict_tensors`), minus writing the PNGs;
+1. `predict`'s batched rate in this process, for reference: what `moleflow predict` does over 80 images
+   in batches of `--batch` files (decode them, `Detector.predict_tensors`), minus writing the PNGs;
 2. `--clients` concurrent clients send `--requests` requests of one image each (`?maps=false`, the same
    scoring work as the reference), cycling through IMAGES_DIR: served images/s, p50/p99 latency, failed;
 3. with `--add`: the same load again, on until `add-task` has learned that class into the served model
