@@ -1,6 +1,7 @@
-"""Routing on real products: the default descriptor rule against the hybrid rule read by the patch memories.
+"""Routing on real products: the default descriptor rule (per-axis Student-t distances) against the same
+descriptor under Gaussian distances (`router.robust_dof=0`) and the hybrid rule read by the patch memories.
 
-    .venv/bin/python benchmarks/routing.py [--learn mvtec:bottle,elpv:mono,elpv:poly,mvtec:transistor]
+    .venv/bin/python benchmarks/routing.py [--learn mvtec:bottle,elpv:mono,elpv:poly,mvtec:transistor,KOLEKTOR_FOLDER]
         [--memory-share 0.01] [--top-k 2] [--cache .cache/features] [--json]
 
 Learns each product as `moleflow fit` would for routing: the router's prototype from the backbone
@@ -33,12 +34,13 @@ from unknown import product_features  # benchmarks/unknown.py, beside this scrip
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 RULES = {"descriptor (default)": ["router.mode=mahalanobis"],
+         "descriptor, Gaussian": ["router.mode=mahalanobis", "router.robust_dof=0"],
          "hybrid, memory": ["router.mode=hybrid", "router.hybrid_score=memory"]}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--learn", default="mvtec:bottle,elpv:mono,elpv:poly,mvtec:transistor",
+    ap.add_argument("--learn", default=f"mvtec:bottle,elpv:mono,elpv:poly,mvtec:transistor,{SHARED / 'kolektorsdd' / 'kolektor'}",
                     help="learned products in order: dataset:class or an MVTec-layout class folder, comma-separated")
     ap.add_argument("--memory-share", type=float, default=0.01)
     ap.add_argument("--top-k", type=int, default=2, help="router.hybrid_top_k")

@@ -7,8 +7,9 @@ from moleflow.router import UNKNOWN, Prototype, TaskRouter, fit_prototype, selec
 
 
 def notes_router(**settings) -> TaskRouter:
-    """A router with the notes' rule unless told otherwise (mean descriptor, Ledoit-Wolf, distance)."""
-    return TaskRouter(RouterConfig(**{"descriptor": "mean", "shrinkage": -1.0, "likelihood": False, **settings}))
+    """A router with the notes' rule unless told otherwise (mean descriptor, Ledoit-Wolf, Gaussian distance)."""
+    return TaskRouter(RouterConfig(**{"descriptor": "mean", "shrinkage": -1.0, "likelihood": False, "robust_dof": 0.0,
+                                      **settings}))
 
 
 def desc(x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
@@ -131,6 +132,33 @@ def test_fixed_shrinkage_and_likelihood_rule():
     d = r_lik.distances(probe)[0]
     assert float(d[0]) < float(d[1]) < float(d[0]) + r_lik.prototypes[0].log_det - r_lik.prototypes[1].log_det
     assert int(r_dist.route(probe)[0]) == 0 and int(r_lik.route(probe)[0]) == 1
+
+
+def test_student_t_axes_keep_a_defect_with_its_product():
+    """An image of product 0 moved far along two of its 24 principal axes (a defect) is nearer product 1
+    (off along every axis, most along those two) by Mahalanobis distance; per-axis Student-t distances
+    route it to product 0."""
+    g = torch.Generator().manual_seed(0)
+    d = 24
+    scale = 2.0 ** torch.linspace(-1, 1, d)  # distinct variances: the principal axes are the coordinates
+    offset = torch.ones(d)
+    offset[:2] = 5.0
+    own, other = torch.randn(2000, d, generator=g) * scale, torch.randn(2000, d, generator=g) * scale + offset
+    defect = torch.zeros(1, d)
+    defect[0, :2] = 7.0  # ≈ 14 σ along two axes from its own product; ≈ 4 σ there and ≈ 1 σ elsewhere from the other
+    gauss, robust = notes_router(shrinkage=0.0, robust_dof=0.0), notes_router(shrinkage=0.0, robust_dof=3.0)
+    for r in (gauss, robust):
+        r.add_task(0, desc(own))
+        r.add_task(1, desc(other))
+    probes = torch.cat([defect, own[:50] * 0.5, other[:50]])
+    truth = torch.cat([torch.zeros(51), torch.ones(50)]).long()
+    d2 = gauss.distances(desc(defect))[0]
+    assert float(d2[1]) < float(d2[0])  # the Gaussian rule sends the defect to the other product
+    assert int(gauss.route(desc(defect))[0]) == 1
+    assert torch.equal(robust.route(desc(probes)), truth)  # the t rule: the defect home, the rest unchanged
+    # The per-axis squared distances sum to the Mahalanobis distance.
+    proto = robust.prototypes[0]
+    torch.testing.assert_close(proto.axis_distances(defect).sum(1), gauss.distances(desc(defect))[:, 0])
 
 
 def test_held_out_calibration_of_the_unknown_answer():

@@ -11,12 +11,14 @@ to another product (ELPV: a third of the defective mono cells went to poly). The
 the log root mean square of each channel over the image (its level and spread: colour and texture,
 which a defect changes little), a fixed strong shrinkage towards the mean variance, and compares tasks
 by Gaussian likelihood (distance + log-determinant), so a broad task does not collect every unusual
-image (docs/localization.md, routing).
+image (docs/localization.md, routing). Along each principal axis of a task's covariance the distance
+counts as a Student-t's (`robust_dof`, 3): a defect that moves an image far along a few axes (a smashed
+bottle, mostly dark) no longer outweighs another product's moderate distance along many.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -45,6 +47,17 @@ class Prototype:
     precision: torch.Tensor  # (D, D) float64, inverse of the shrinkage covariance
     threshold: float  # squared distance above which an image is "unknown" for this task
     log_det: float  # log|Σ| of the shrinkage covariance (the likelihood comparison's penalty)
+    # The covariance's principal axes (D, D) as columns, and 1 / variance along each (D,): from `precision`.
+    axes: torch.Tensor = field(init=False, repr=False)
+    axis_precision: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.axis_precision, self.axes = torch.linalg.eigh(self.precision)
+
+    def axis_distances(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, D) -> (B, D): squared distance to the mean along each principal axis, in its variances
+        (their sum is the squared Mahalanobis distance)."""
+        return ((x.double() - self.mean) @ self.axes).pow(2) * self.axis_precision
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         return {
@@ -134,6 +147,16 @@ class TaskRouter:
         x = select_descriptor(descriptors, self.cfg.descriptor)
         return torch.stack([_sq_mahalanobis(x, self.prototypes[t].mean, self.prototypes[t].precision) for t in tasks], dim=1)
 
+    def robust_distances(self, descriptors: torch.Tensor) -> torch.Tensor:
+        """(B, T): per task, Σ over its principal axes of (ν + 1)·log(1 + u²/ν), with u² the squared
+        distance along the axis in its variance and ν = `robust_dof`: −2 log of a product of Student-t
+        densities up to the log-determinant. For large u² it grows as log u², not u², so no single axis
+        decides; for small u² it is ≈ u² (ν + 1)/ν, the Mahalanobis distance."""
+        nu = self.cfg.robust_dof
+        x = select_descriptor(descriptors, self.cfg.descriptor)
+        return torch.stack([((nu + 1) * torch.log1p(self.prototypes[t].axis_distances(x) / nu)).sum(dim=1)
+                            for t in sorted(self.prototypes)], dim=1)
+
     def _penalties(self) -> torch.Tensor:
         """(T,) log|Σ_t|, added to the squared distance with `likelihood` (−2 log N(d; μ_t, Σ_t) + const)."""
         return torch.tensor([self.prototypes[t].log_det for t in sorted(self.prototypes)], dtype=torch.float64)
@@ -165,10 +188,10 @@ class TaskRouter:
         # the quantile is a noisy scale with few images. `likelihood`: distance + log|Σ_t|.
         if self.cfg.calibrated:
             choice = d
-        elif self.cfg.likelihood:
-            choice = dist + self._penalties()
         else:
-            choice = dist
+            choice = self.robust_distances(descriptors) if self.cfg.robust_dof > 0 else dist
+            if self.cfg.likelihood:
+                choice = choice + self._penalties()
         routed = tasks[choice.argmin(dim=1)]
         if self.cfg.mode == "hybrid" and len(tasks) > 1:
             if task_nll is None:
