@@ -17,10 +17,11 @@ DESIGN_CHANGES = {
     "train.lr": (1e-3, 3e-4),
     "scoring.patch_score": ("latent", "nll"),
     "scoring.top_k": (50, 3),
-    "scoring.calibration_holdout": (0.2, 0.0),
+    "scoring.calibration_holdout": (0.3, 0.0),
     "router.descriptor": ("log_rms", "mean"),
     "router.shrinkage": (0.7, -1.0),
     "router.likelihood": (True, False),
+    "router.robust_dof": (3.0, 0.0),
 }
 
 

@@ -164,5 +164,5 @@ def test_skip_bad_lists_refused_files_and_goes_on(tmp_path, capsys):
     assert [Path(s["path"]).name for s in r["skipped_files"]] == ["999.png"]
     assert r["skipped_files"][0]["reason"]
     train = r["steps"][0]["train"]
-    # the readable images: 2 held out from the shipped task (share 0), 8 trained on; 3 shares of 2 scored
-    assert (train["n_train"], train["n_calibration"], train["calibration_folds"]) == (8, 6, 3)
+    # the shipped task trains on the 10 readable images; 2 shares of 3 scored by fold models
+    assert (train["n_train"], train["n_calibration"], train["calibration_folds"]) == (10, 6, 2)

@@ -89,7 +89,7 @@ def held_out_scores(system: System, task: int, images: FeatureSet) -> tuple[np.n
 def held_out_folds(n: int, share: float, folds: int, seed: int) -> list[torch.Tensor]:
     """Sorted indices of each held-out calibration share among n training images: `folds` disjoint
     seeded random shares of `share` each (fold 0 is `calibration_index`); none when a share rounds to
-    no image or to all of them."""
+    no image or to all of them (`folds` × `share` ≤ 1, checked by the config)."""
     n_hold = int(share * n)
     if n_hold < 1 or n_hold >= n:
         return []
@@ -98,8 +98,8 @@ def held_out_folds(n: int, share: float, folds: int, seed: int) -> list[torch.Te
 
 
 def calibration_index(n: int, share: float, seed: int) -> torch.Tensor | None:
-    """Sorted indices of the held-out calibration images the shipped task does not train on (fold 0 of
-    `held_out_folds`), or None when the share rounds to none."""
+    """Sorted indices of fold 0 of `held_out_folds` (the router calibrates its unknown answer on these
+    images, held out of a throwaway prototype), or None when the share rounds to none."""
     folds = held_out_folds(n, share, 1, seed)
     return folds[0] if folds else None
 
@@ -124,10 +124,10 @@ def _fit(system: System, model: MoLEFlow, t: int, train: FeatureSet, progress: b
 
 def _fold_scores(system: System, t: int, train: FeatureSet, folds: list[torch.Tensor], start: MoLEFlow,
                  step: int, progress: bool) -> list[np.ndarray]:
-    """Image scores of folds 1, 2, … each by a throwaway copy of the model, taken before task t trained
+    """Image scores of each held-out fold by a throwaway copy of the model, taken before task t trained
     (`start`), whose task t trained like the shipped one on the training images outside that fold."""
     scores = []
-    for held in folds[1:]:
+    for held in folds:
         model = copy.deepcopy(start)
         seed_everything(system.cfg.train.seed + step)
         rest = _without(train, held)
@@ -140,23 +140,22 @@ def _fold_scores(system: System, t: int, train: FeatureSet, folds: list[torch.Te
 
 
 def _train(system: System, t: int, specs: list[str], train: FeatureSet, progress: bool, step: int) -> tuple[TaskRecord, TrainLog]:
-    """Train model task t on `train` minus its calibration share, update the OGP memory, calibrate the
-    threshold on the held-out shares (see `ScoringConfig.calibration_folds`; without any, on the
-    training images): the record and its log."""
+    """Train model task t on all of `train`, update the OGP memory, and calibrate the threshold on the
+    held-out shares, each scored by a fold model that did not see it (see `ScoringConfig.calibration_folds`;
+    without any share, on the training images): the record and its log."""
     sc = system.cfg.scoring
     folds = held_out_folds(len(train), sc.calibration_holdout, sc.calibration_folds, _calibration_seed(system, t))
-    start = copy.deepcopy(system.model) if len(folds) > 1 else None  # the fold models start where task t does
-    fit_part = _without(train, folds[0]) if folds else train
-    log = _fit(system, system.model, t, fit_part, progress)
+    start = copy.deepcopy(system.model) if folds else None  # the fold models start where task t does
+    log = _fit(system, system.model, t, train, progress)  # the shipped task learns from every training image
     if system.memory is not None:
-        remember_gradients(system, t, fit_part)
-    image, patch = held_out_scores(system, t, train.subset(folds[0]) if folds else fit_part)
+        remember_gradients(system, t, train)
+    image, patch = held_out_scores(system, t, train)  # in sample: the threshold without folds; the colour floor
     t0 = time.perf_counter()
-    pooled = np.concatenate([image, *(_fold_scores(system, t, train, folds, start, step, progress) if start else [])])
+    pooled = np.concatenate(_fold_scores(system, t, train, folds, start, step, progress)) if folds else image
     info = TrainLog(
-        epoch_loss=tuple(log.epoch_loss), seconds=log.seconds, steps=log.steps, n_train=len(fit_part),
+        epoch_loss=tuple(log.epoch_loss), seconds=log.seconds, steps=log.steps, n_train=len(train),
         n_calibration=len(pooled) if folds else None, calibration_folds=len(folds) or None,
-        calibration_seconds=time.perf_counter() - t0 if start else None,
+        calibration_seconds=time.perf_counter() - t0 if folds else None,
         ogp_directions=sum(system.memory.rank().values()) if system.memory is not None else None,  # stored so far
         grad_norms=tuple(log.grad_norms) if log.grad_norms else None,  # per epoch, per coupling block
     )

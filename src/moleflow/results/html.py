@@ -124,9 +124,9 @@ def _metric_sections(results: RunResults) -> list[str]:
     decisions = decision_table(results)
     if decisions is not None:
         body += ["<h2>Decisions at the shipped thresholds (routing on)</h2>", html_table(decisions),
-                 "<p class=\"note\">Each task's threshold is a high quantile of the scores of training images that "
-                 "the flow scoring them did not train on: held-out shares (scoring.calibration_holdout), "
-                 "one per fold model (scoring.calibration_folds).</p>"]
+                 "<p class=\"note\">Each task's threshold is a high quantile of the scores of training images, each "
+                 "scored by a fold model that did not train on it: held-out shares (scoring.calibration_holdout), "
+                 "one fold model each (scoring.calibration_folds); the shipped task trains on them all.</p>"]
     for m in METRICS:
         if results.has_values(m.key):
             body += [f"<h2>{html.escape(m.label)} per step</h2>", html_table(metric_table(results, m.key))]

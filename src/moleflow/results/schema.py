@@ -215,7 +215,7 @@ class TrainLog:
     steps: int | None = None  # optimiser steps
     n_train: int | None = None  # images the flow trained on
     n_calibration: int | None = None  # held-out training images the threshold was calibrated on (version 2)
-    calibration_folds: int | None = None  # held-out shares pooled for it, all but one by fold models (version 3)
+    calibration_folds: int | None = None  # held-out shares pooled for it, each scored by a fold model (version 3)
     calibration_seconds: float | None = None  # training and scoring the fold models (version 3)
     ogp_directions: int | None = None  # OGP memory size after the task (finetune with train.ogp)
     grad_norms: tuple[dict[str, float], ...] | None = None  # per epoch, per coupling block (train.record_grad_norms)
