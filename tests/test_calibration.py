@@ -62,6 +62,7 @@ def test_the_threshold_pools_every_fold_models_out_of_fold_scores_and_the_shippe
         keep[held] = False
         seed_everything(four.cfg.train.seed)
         fit_task(fresh.model, 0, train.subset(keep), four.cfg.train, four.cfg.loss, fresh.device, progress=False)
+        fresh.model.fit_memory(0, train.subset(keep).patches, seed=four.cfg.train.seed)  # the default blend reads it
         pooled.append(held_out_scores(fresh, 0, train.subset(held))[0])
     assert one.tasks[0].threshold == pytest.approx(float(np.quantile(pooled[0], 0.99)), rel=1e-5)
     assert four.tasks[0].threshold == pytest.approx(float(np.quantile(np.concatenate(pooled), 0.99)), rel=1e-5)
