@@ -141,16 +141,11 @@ class ScoringConfig:
     # +0.04 on transistor and kolektor, +0.016 on ELPV poly, same on mono and bottle (docs/localization.md).
     top_k: int = 50
     blur_sigma: float = 4.0
-    # A task's decision threshold: this quantile of the image scores of its calibration images, each scored
-    # by a model that did not train on it (k-fold): the shipped task trains on every training image; for
-    # each of `calibration_folds` disjoint seeded shares of `calibration_holdout` of them, a throwaway copy
-    # of the task's modules trains the same way without that share and scores it, and the quantile is taken
-    # over all the shares. One share of ~40 images put the 0.99 quantile anywhere from 127 to 199 on bottle
-    # (20 % false alarms on its test goods at worst); pooled shares steady it. 2 × 0.3: 60 % of the images
-    # get an out-of-fold score, at the cost of 1.4 trainings beside the shipped one. A share that rounds to
-    # no image (or holdout 0): calibrate on the training images themselves (optimistic; the notes').
-    # (Until Dec 2026 the shipped task trained without share 0: a 1 % patch memory of four fifths of
-    # KolektorSDD's images localized 0.018 pixel AUROC worse than one of them all; docs/localization.md.)
+    # A task's decision threshold: this quantile of the image scores of held-out shares (k-fold): the shipped
+    # task trains on every training image; each of `calibration_folds` disjoint seeded shares of
+    # `calibration_holdout` is scored by a throwaway copy of the task trained without it. Pooled shares
+    # steady the quantile (one share of ~40 bottle images put it anywhere from 127 to 199); 2 × 0.3 costs 1.4
+    # trainings beside the shipped one. No share (holdout 0): the training images themselves (the notes').
     threshold_quantile: float = 0.99
     calibration_holdout: float = 0.3
     calibration_folds: int = 2
@@ -175,11 +170,9 @@ class RouterConfig:
     # Covariance shrinkage: -1 = Ledoit-Wolf (the notes'); λ in [0, 1]: (1 − λ)·S + λ·mean variance·I.
     shrinkage: float = 0.7
     likelihood: bool = True  # compare tasks by distance + log|Σ_t| (Gaussian likelihood); false: distance alone
-    # The distance along each principal axis of a task's covariance as a Student-t of this many degrees of
-    # freedom (0: Gaussian, the notes'). A defect moves an image far along a few axes, another product
-    # moderately along many; a Gaussian lets the few dominate, a t caps each axis' share (log-growth).
-    # 3 routes every test image of bottle, transistor and KolektorSDD right (the smashed bottle included)
-    # and ELPV mono 99.6 % (Gaussian: 99.2 %) (docs/localization.md, routing).
+    # Per principal axis of a task's covariance, the distance as a Student-t's of this many degrees of freedom
+    # (0: Gaussian, the notes'): a defect far along a few axes no longer outweighs another product's moderate
+    # distance along many (bottle, transistor, KolektorSDD routed 100 %; docs/localization.md, routing).
     robust_dof: float = 3.0
 
 
