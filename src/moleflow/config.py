@@ -131,9 +131,8 @@ class ScoringConfig:
     # "nll": ½‖z‖² − log|det J| (the notes); "latent": ½‖z‖² (FastFlow's map). See scoring.patch_scores.
     # "blend": (1 − memory_weight)·‖z‖ + memory_weight·(distance to the task's nearest memory patch), each
     # over its median on the task's training patches (scoring.task_patch_scores; needs model.memory_share).
-    # The default blend at 0.8: over the flow alone, pixel AUROC +0.01 and AUPRO +0.04–0.06 on bottle and
-    # transistor, pixel AP +0.02–0.17 on those and KolektorSDD; the memory alone (1.0) localizes bottle
-    # better and KolektorSDD worse (docs/localization.md, the acceptance run with the patch memory).
+    # Blend 0.8 over the flow alone: pixel AP +0.02–0.17 on bottle, transistor, KolektorSDD; the memory alone
+    # (1.0) maps bottle better, KolektorSDD worse (docs/localization.md, the run with the patch memory).
     patch_score: Literal["nll", "latent", "blend"] = "blend"
     memory_weight: float = 0.8
     aggregation: Literal["topk", "max", "mean"] = "topk"
