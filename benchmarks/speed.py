@@ -64,7 +64,7 @@ from moleflow.data import IMAGE_EXTENSIONS, MPDD_CLASSES, MVTEC_CLASSES, Dataset
 from moleflow.features.cache import FeatureSet, extract_features
 from moleflow.continual.system import System, build_system, learn_new_task, task_features
 from moleflow.router import UNKNOWN
-from moleflow.scoring import anomaly_map, image_score, patch_scores
+from moleflow.scoring import anomaly_map, image_score, routed_patch_scores
 from moleflow.continual.train import seed_everything
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,7 +137,7 @@ def predict_batch(system: System, images: torch.Tensor) -> tuple[torch.Tensor, t
 @torch.no_grad()
 def predict_stages(system: System, images: torch.Tensor, repeats: int) -> dict[str, float]:
     """Milliseconds per image of each stage of predict_batch (median over `repeats`): features,
-    routing, flow (with patch scores), map (upsampling + blur) and image score. Shows where the time
+    routing, flow (with patch scores: the patch memory's distance too, in the blend), map (upsampling + blur) and image score. Shows where the time
     of the predict path goes; the stages are timed one by one, so they add up to about its total."""
     cfg, size = system.cfg, system.cfg.data.image_size
     times: dict[str, list[float]] = {k: [] for k in ("features", "routing", "flow", "map", "image_score")}
@@ -148,8 +148,7 @@ def predict_stages(system: System, images: torch.Tensor, repeats: int) -> dict[s
         routed = system.router.route(desc.cpu())
         t2 = time.perf_counter()
         # Images routed to "unknown" (router.unknown) are scored under task 0 here: timing only.
-        z, log_det = system.model.forward_routed(patches, routed.clamp(min=0).to(system.device))
-        s = patch_scores(z, log_det, cfg.scoring.patch_score)
+        s = routed_patch_scores(system.model, patches, routed.clamp(min=0), cfg.scoring)  # flow (+ memory)
         t3 = time.perf_counter()
         anomaly_map(s, size, cfg.scoring.blur_sigma).cpu()
         t4 = time.perf_counter()
