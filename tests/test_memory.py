@@ -18,14 +18,14 @@ def test_greedy_coreset_keeps_the_farthest_patch_each_step():
     assert greedy_coreset(bank, 12, seed=3).tolist() == kept
 
 
-def test_distance_is_the_nearest_memory_patch_in_chunks():
+def test_distance_is_the_nearest_memory_patch_in_blocks():
     g = torch.Generator().manual_seed(1)
     mem = PatchMemory(6)
     mem.bank = torch.randn(50, 6, generator=g)
     x = torch.randn(2, 3, 4, 6, generator=g)
     ref = torch.cdist(x.reshape(-1, 6).double(), mem.bank.double()).min(dim=1).values.reshape(2, 3, 4)
     torch.testing.assert_close(mem.distance(x).double(), ref, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(mem.distance(x, chunk=7), mem.distance(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mem.distance(x, rows=7), mem.distance(x), rtol=1e-5, atol=1e-5)  # blocks of 7 query patches
     assert float(mem.distance(mem.bank[:4].reshape(1, 2, 2, 6)).max()) < 1e-2  # a memory patch is at distance ~0
 
 

@@ -43,17 +43,19 @@ class PatchMemory(nn.Module):
         """Make room for `size` memory patches (before loading a saved task's bank)."""
         self.bank = self.bank.new_zeros(size, self.bank.shape[1])
 
-    def distance(self, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    def distance(self, x: torch.Tensor, rows: int = 1024) -> torch.Tensor:
         """x (B, H, W, C) -> (B, H, W): distance of each patch to its nearest memory patch."""
         if self.bank.shape[0] == 0:
             raise RuntimeError("the patch memory is empty: the task was not trained with a memory")
         b, h, w, c = x.shape
         flat = x.reshape(b * h * w, c)
-        sq = flat.pow(2).sum(1, keepdim=True)  # (P, 1)
-        best = []
-        for s in range(0, self.bank.shape[0], chunk):  # bounded (P, chunk) blocks: memory stays small
-            m = self.bank[s : s + chunk]
-            d2 = sq - 2 * (flat @ m.T) + m.pow(2).sum(1)[None]  # (P, chunk)
-            best.append(d2.min(dim=1).values)
-        d2 = torch.stack(best, dim=1).min(dim=1).values if len(best) > 1 else best[0]
+        bank_sq = self.bank.pow(2).sum(1)[None]  # (1, M)
+        d2 = flat.new_empty(flat.shape[0])
+        # Blocks of query patches keep the (rows, M) product in cache: 2.5× faster than one (P, M) block
+        # with separate temporaries (predict's flow stage, docs/localization.md); ‖x‖² is added after the
+        # min since it does not change which memory patch is nearest.
+        for s in range(0, flat.shape[0], rows):
+            q = flat[s : s + rows]
+            near = torch.addmm(bank_sq, q, self.bank.T, alpha=-2.0).min(dim=1).values  # min ‖m‖² − 2 q·m
+            d2[s : s + rows] = near + q.pow(2).sum(1)
         return d2.clamp_min(0).sqrt().reshape(b, h, w)
