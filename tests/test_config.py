@@ -16,7 +16,7 @@ DESIGN_CHANGES = {
     "model.pos_encoding": ("concat", "add"),
     "train.lr": (1e-3, 3e-4),
     "scoring.patch_score": ("blend", "nll"),
-    "model.memory_share": (0.01, 0.0),
+    "model.memory_share": (0.02, 0.0),
     "scoring.top_k": (50, 3),
     "scoring.calibration_holdout": (0.3, 0.0),
     "router.descriptor": ("log_rms", "mean"),
