@@ -149,9 +149,15 @@ def _train(system: System, t: int, specs: list[str], train: FeatureSet, progress
     log = _fit(system, system.model, t, train, progress)  # the shipped task learns from every training image
     if system.memory is not None:
         remember_gradients(system, t, train)
-    image, patch = held_out_scores(system, t, train)  # in sample: the threshold without folds; the colour floor
+    # The colour floor reads the shipped modules' own patch scores on a spread sample of (up to 32 of) the
+    # training images, like the memory's medians; the whole training set only when it sets the threshold.
+    sample = torch.linspace(0, len(train) - 1, min(32, len(train))).long()
+    patch = held_out_scores(system, t, train.subset(sample))[1]
     t0 = time.perf_counter()
-    pooled = np.concatenate(_fold_scores(system, t, train, folds, start, step, progress)) if folds else image
+    if folds:
+        pooled = np.concatenate(_fold_scores(system, t, train, folds, start, step, progress))
+    else:  # no share held out: the threshold from the training images in sample
+        pooled = held_out_scores(system, t, train)[0]
     info = TrainLog(
         epoch_loss=tuple(log.epoch_loss), seconds=log.seconds, steps=log.steps, n_train=len(train),
         n_calibration=len(pooled) if folds else None, calibration_folds=len(folds) or None,
