@@ -28,6 +28,7 @@ from moleflow.features.backbone import FeatureExtractor, resolve_device
 from moleflow.features.cache import FeatureSet, extract_features
 from moleflow.model import checkpoint
 from moleflow.model.checkpoint import CheckpointError, TaskRecord
+from moleflow.model.memory import scale_sample
 from moleflow.model.mole_flow import MoLEFlow
 from moleflow.results.schema import TrainLog
 from moleflow.router import Prototype, TaskRouter
@@ -149,10 +150,9 @@ def _train(system: System, t: int, specs: list[str], train: FeatureSet, progress
     log = _fit(system, system.model, t, train, progress)  # the shipped task learns from every training image
     if system.memory is not None:
         remember_gradients(system, t, train)
-    # The colour floor reads the shipped modules' own patch scores on a spread sample of (up to 32 of) the
-    # training images, like the memory's medians; the whole training set only when it sets the threshold.
-    sample = torch.linspace(0, len(train) - 1, min(32, len(train))).long()
-    patch = held_out_scores(system, t, train.subset(sample))[1]
+    # The colour floor reads the shipped modules' own patch scores on the images that set the memory's
+    # medians; the whole training set is scored only when it sets the threshold.
+    patch = held_out_scores(system, t, train.subset(scale_sample(len(train))))[1]
     t0 = time.perf_counter()
     if folds:
         pooled = np.concatenate(_fold_scores(system, t, train, folds, start, step, progress))

@@ -14,6 +14,12 @@ import torch
 from torch import nn
 
 
+def scale_sample(n: int, size: int = 32) -> torch.Tensor:
+    """Indices of (up to `size` of) n training images, evenly spread: the images whose patches set a
+    task's score scales (the memory's medians, the map's colour floor)."""
+    return torch.linspace(0, n - 1, min(size, n)).long()
+
+
 def greedy_coreset(bank: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
     """Indices (size,) of a k-centre greedy coreset of the rows of `bank` (N, C): starting from a seeded
     random row, repeatedly keep the row farthest from those kept (PatchCore's selection)."""

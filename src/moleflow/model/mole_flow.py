@@ -26,7 +26,7 @@ from moleflow.model.adapters import DIA, SpatialMixer, StatsWhitening, Whitening
 from moleflow.config import ModelConfig
 from moleflow.model.flow import BaseFlow
 from moleflow.model.lora import LoRALinear
-from moleflow.model.memory import PatchMemory, greedy_coreset
+from moleflow.model.memory import PatchMemory, greedy_coreset, scale_sample
 from moleflow.model.positional import PositionalEncoding
 
 
@@ -212,7 +212,7 @@ class MoLEFlow(nn.Module):
         memory = self.memory[key]
         memory.bank = bank[idx].clone()
         # the scales: medians over (up to 32 of) the training images' patches, after the flow trained
-        sample = patches[torch.linspace(0, len(patches) - 1, min(32, len(patches))).long()]
+        sample = patches[scale_sample(len(patches))]
         x = sample.to(device=self.device, dtype=torch.float32)  # (b, H, W, C)
         with torch.no_grad(), self.use_task(t):
             m_z = self(x)[0].norm(dim=-1).median() if flow_scale else x.new_ones(())
