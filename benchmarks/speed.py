@@ -137,8 +137,9 @@ def predict_batch(system: System, images: torch.Tensor) -> tuple[torch.Tensor, t
 @torch.no_grad()
 def predict_stages(system: System, images: torch.Tensor, repeats: int) -> dict[str, float]:
     """Milliseconds per image of each stage of predict_batch (median over `repeats`): features,
-    routing, flow (with patch scores: the patch memory's distance too, in the blend), map (upsampling + blur) and image score. Shows where the time
-    of the predict path goes; the stages are timed one by one, so they add up to about its total."""
+    routing, flow (with patch scores: the patch memory's distance too, in the blend), map (upsampling +
+    blur) and image score. Shows where the time of the predict path goes; the stages are timed one by
+    one, so they add up to about its total."""
     cfg, size = system.cfg, system.cfg.data.image_size
     times: dict[str, list[float]] = {k: [] for k in ("features", "routing", "flow", "map", "image_score")}
     for _ in range(repeats):
