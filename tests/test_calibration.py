@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from moleflow.config import load_config
 from moleflow.continual.system import build_system, held_out_folds, held_out_scores, learn_new_task
@@ -14,13 +15,20 @@ from moleflow.features.cache import FeatureSet
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def _features(system, n: int, seed: int) -> FeatureSet:
+def _features(system, n: int, seed: int, folder: Path) -> FeatureSet:
+    """Random features of n images; the image files exist (the task's blend weight is chosen on
+    synthetic defects pasted on them) but are noise of their own."""
     g = torch.Generator().manual_seed(seed)
     h, w = system.extractor.grid
     c = system.extractor.out_channels
     patches = torch.randn(n, h, w, c, generator=g) * (1 + torch.rand(n, 1, 1, 1, generator=g))
+    paths = []
+    for i in range(n):
+        paths.append(str(folder / f"{seed}_{i}.png"))
+        pixels = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(paths[-1])
     return FeatureSet(patches, torch.randn(n, 2 * c, generator=g), torch.zeros(n, dtype=torch.long), None,
-                      [f"{i}.png" for i in range(n)], ["a"] * n)
+                      paths, ["a"] * n)
 
 
 def _learn(folds: int, train: FeatureSet, holdout: float = 0.25):
@@ -31,10 +39,10 @@ def _learn(folds: int, train: FeatureSet, holdout: float = 0.25):
     return system, log
 
 
-def test_the_threshold_pools_every_fold_models_out_of_fold_scores_and_the_shipped_task_is_unchanged():
+def test_the_threshold_pools_every_fold_models_out_of_fold_scores_and_the_shipped_task_is_unchanged(tmp_path):
     cfg = load_config(CONFIGS / "smoke.yaml")
     seed_everything(cfg.train.seed)
-    train = _features(build_system(cfg), 16, seed=0)
+    train = _features(build_system(cfg), 16, seed=0, folder=tmp_path)
     none, log0 = _learn(1, train, holdout=0.0)
     one, log1 = _learn(1, train)
     four, log4 = _learn(4, train)
@@ -49,6 +57,8 @@ def test_the_threshold_pools_every_fold_models_out_of_fold_scores_and_the_shippe
     assert (log1.n_train, log1.n_calibration, log1.calibration_folds) == (16, 4, 1)
     assert (log4.n_train, log4.n_calibration, log4.calibration_folds) == (16, 16, 4)
     assert log1.calibration_seconds > 0 and log4.calibration_seconds > 0
+    # the shipped task chose its blend weight before any fold model trained: the same with any folds
+    assert log0.memory_weight == log1.memory_weight == log4.memory_weight in four.cfg.scoring.memory_weights
 
     # rebuild the fold models independently: task 0 from the initial state, trained without its share
     folds = held_out_folds(16, 0.25, 4, seed=four.cfg.train.seed * 1000)
@@ -63,6 +73,7 @@ def test_the_threshold_pools_every_fold_models_out_of_fold_scores_and_the_shippe
         seed_everything(four.cfg.train.seed)
         fit_task(fresh.model, 0, train.subset(keep), four.cfg.train, four.cfg.loss, fresh.device, progress=False)
         fresh.model.fit_memory(0, train.subset(keep).patches, seed=four.cfg.train.seed)  # the default blend reads it
+        fresh.model.set_memory_weight(0, log4.memory_weight)  # the shipped task's choice scores its folds
         pooled.append(held_out_scores(fresh, 0, train.subset(held))[0])
     assert one.tasks[0].threshold == pytest.approx(float(np.quantile(pooled[0], 0.99)), rel=1e-5)
     assert four.tasks[0].threshold == pytest.approx(float(np.quantile(np.concatenate(pooled), 0.99)), rel=1e-5)
@@ -72,25 +83,25 @@ def test_the_threshold_pools_every_fold_models_out_of_fold_scores_and_the_shippe
     assert in_sample < four.tasks[0].threshold  # images the flow trained on score lower than unseen ones
 
 
-def test_without_a_held_out_share_the_threshold_is_in_sample_and_no_fold_model_trains():
+def test_without_a_held_out_share_the_threshold_is_in_sample_and_no_fold_model_trains(tmp_path):
     cfg = load_config(CONFIGS / "smoke.yaml", ["scoring.calibration_holdout=0"])
     seed_everything(cfg.train.seed)
     system = build_system(cfg)
-    train = _features(system, 8, seed=1)
+    train = _features(system, 8, seed=1, folder=tmp_path)
     _, log = learn_new_task(system, ["a"], train, progress=False, step=0)
     assert (log.n_train, log.n_calibration, log.calibration_folds, log.calibration_seconds) == (8, None, None, None)
     assert system.tasks[0].threshold == pytest.approx(float(np.quantile(held_out_scores(system, 0, train)[0], 0.99)))
 
 
-def test_with_memory_scores_alone_the_fold_models_are_memories_of_the_other_images():
+def test_with_memory_scores_alone_the_fold_models_are_memories_of_the_other_images(tmp_path):
     from moleflow.model.memory import PatchMemory, greedy_coreset
 
     over = ["scoring.calibration_folds=4", "scoring.calibration_holdout=0.25", "scoring.patch_score=blend",
-            "scoring.memory_weight=1.0", "model.memory_share=0.05"]
+            "scoring.memory_weight_from=fixed", "scoring.memory_weight=1.0", "model.memory_share=0.05"]
     cfg = load_config(CONFIGS / "smoke.yaml", over)
     seed_everything(cfg.train.seed)
     system = build_system(cfg)
-    train = _features(system, 16, seed=2)
+    train = _features(system, 16, seed=2, folder=tmp_path)
     _, log = learn_new_task(system, ["a"], train, progress=False, step=0)
     folds = held_out_folds(16, 0.25, 4, seed=cfg.train.seed * 1000)
     pooled = []

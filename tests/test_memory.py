@@ -62,7 +62,7 @@ def test_blend_is_the_weighted_sum_of_both_scores_over_their_training_medians_an
     for t in (0, 1):
         model.fit_memory(t, p[t], seed=0)
     x = torch.randn(3, 4, 4, 8, generator=g)
-    cfg = ScoringConfig(patch_score="blend", memory_weight=0.25)
+    cfg = ScoringConfig(patch_score="blend", memory_weight_from="fixed", memory_weight=0.25)
     with torch.no_grad(), model.use_task(1):
         z, _ = model(x)
         d = model.memory["1"].distance(x)
@@ -77,7 +77,7 @@ def test_blend_is_the_weighted_sum_of_both_scores_over_their_training_medians_an
         with model.use_task(0):
             s0 = task_patch_scores(model, x, cfg)
     torch.testing.assert_close(mixed, torch.stack([s[0], s0[1], s[2]]))
-    memory_only = ScoringConfig(patch_score="blend", memory_weight=1.0)
+    memory_only = ScoringConfig(patch_score="blend", memory_weight_from="fixed", memory_weight=1.0)
     with torch.no_grad(), model.use_task(1):  # memory_weight 1: PatchCore's score in units of its median
         torch.testing.assert_close(task_patch_scores(model, x, memory_only), d / model.memory["1"].scale[1])
     assert "flow" in patch_score_label(cfg) and "flow" not in patch_score_label(memory_only)

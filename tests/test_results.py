@@ -53,8 +53,8 @@ def test_a_file_without_version_is_version_1_and_an_unknown_version_is_refused()
     old = real_results("eval")
     assert FORMAT_KEY not in old
     assert RunResults.from_json(old) == RunResults.from_json({FORMAT_KEY: 1, **old})
-    with pytest.raises(ResultsFormatError, match=r"format_version 4 cannot be read.*reads format_version 1, 2 and 3.*newer moleflow"):
-        RunResults.from_json({**old, FORMAT_KEY: 4})
+    with pytest.raises(ResultsFormatError, match=r"format_version 5 cannot be read.*reads format_version 1, 2, 3 and 4.*newer moleflow"):
+        RunResults.from_json({**old, FORMAT_KEY: 5})
     for bad in ("1", 1.0, None, True, 0):
         with pytest.raises(ValueError, match="format_version"):
             RunResults.from_json({**old, FORMAT_KEY: bad})

@@ -129,12 +129,19 @@ class TrainConfig:
 @dataclass(frozen=True)
 class ScoringConfig:
     # "nll": ½‖z‖² − log|det J| (the notes); "latent": ½‖z‖² (FastFlow's map). See scoring.patch_scores.
-    # "blend": (1 − memory_weight)·‖z‖ + memory_weight·(distance to the task's nearest memory patch), each
-    # over its median on the task's training patches (scoring.task_patch_scores; needs model.memory_share).
+    # "blend": (1 − w)·‖z‖ + w·(distance to the task's nearest memory patch), each over its median on the
+    # task's training patches (scoring.task_patch_scores; needs model.memory_share).
     # Blend 0.8 over the flow alone: pixel AP +0.02–0.17 on bottle, transistor, KolektorSDD; the memory alone
     # (1.0) maps bottle better, KolektorSDD worse (docs/localization.md, the run with the patch memory).
     patch_score: Literal["nll", "latent", "blend"] = "blend"
+    # w per task: "synthetic" picks, when the task trains, the one of `memory_weights` whose maps best find
+    # synthetic (CutPaste) defects pasted on its own training images (continual/blend_weight.py) and stores
+    # it with the task. "fixed": every task uses `memory_weight`, also the weight of tasks saved without a
+    # choice. The candidates start at the fixed 0.8: below it, real AP (KolektorSDD) and AUPRO (transistor)
+    # fell although the synthetic defects still favoured the flow (docs/localization.md).
+    memory_weight_from: Literal["synthetic", "fixed"] = "synthetic"
     memory_weight: float = 0.8
+    memory_weights: list[float] = field(default_factory=lambda: [0.8, 0.9, 1.0])
     aggregation: Literal["topk", "max", "mean"] = "topk"
     # Image score = mean of the top_k patch scores. 50 of the 32×32 patches at 256 px (≈ 5 %): image AUROC
     # +0.04 on transistor and kolektor, +0.016 on ELPV poly, same on mono and bottle (docs/localization.md).
@@ -384,6 +391,8 @@ def validate(cfg: Config) -> None:
         (cfg.router.hybrid_score != "memory" or cfg.model.memory_share > 0,
          "router.hybrid_score memory reads each task's patch memory: set model.memory_share > 0 (e.g. 0.02)"),
         (0.0 <= cfg.scoring.memory_weight <= 1.0, "scoring.memory_weight must lie in [0, 1]"),
+        (len(cfg.scoring.memory_weights) > 0 and all(0.0 <= w <= 1.0 for w in cfg.scoring.memory_weights),
+         "scoring.memory_weights must be a non-empty list of weights in [0, 1]"),
         (cfg.scoring.patch_score != "blend" or cfg.model.memory_share > 0,
          "scoring.patch_score blend reads each task's patch memory: set model.memory_share > 0 (e.g. 0.02)"),
         (cfg.router.hybrid_top_k >= 2, "router.hybrid_top_k must be >= 2"),

@@ -57,24 +57,37 @@ def patch_scores(z: torch.Tensor, log_det: torch.Tensor, kind: str = "nll") -> t
     raise ValueError(f"scoring.patch_score must be 'nll' or 'latent', got {kind!r}")
 
 
-def reads_flow(cfg: ScoringConfig) -> bool:
-    """Whether `task_patch_scores` reads the flow (not with a blend of memory weight 1)."""
-    return cfg.patch_score != "blend" or cfg.memory_weight < 1.0
+def blend_weight(model: MoLEFlow, cfg: ScoringConfig) -> float:
+    """The active task's memory weight w in the blend: its stored choice under `memory_weight_from:
+    synthetic` (continual/blend_weight.py), else (fixed, or a task saved without one) `memory_weight`."""
+    stored = model.memory_weight() if cfg.memory_weight_from == "synthetic" else None
+    return cfg.memory_weight if stored is None else stored
+
+
+def reads_flow(cfg: ScoringConfig, weight: float | None = None) -> bool:
+    """Whether `task_patch_scores` reads the flow: not with a blend whose memory weight is 1 (`weight`, the
+    task's own; without it, `cfg`'s fixed weight, or True when each task chooses its own)."""
+    if cfg.patch_score != "blend":
+        return True
+    if weight is None:
+        weight = cfg.memory_weight if cfg.memory_weight_from == "fixed" else 0.0
+    return weight < 1.0
 
 
 def task_patch_scores(model: MoLEFlow, x: torch.Tensor, cfg: ScoringConfig) -> torch.Tensor:
     """Under the model's active task: patches x (B, H, W, C) -> patch scores (B, H, W) of `cfg.patch_score`.
 
     "blend" = (1 − w)·‖z‖ / m_z + w·d / m_d, with d the distance to the task's nearest memory patch
-    (PatchCore's score), w = `scoring.memory_weight`, and m_z, m_d their medians over the task's training
-    patches: ‖z‖ (not ½‖z‖²) so both parts grow linearly with a patch's distance from the normal ones.
+    (PatchCore's score), w the task's memory weight (`blend_weight`), and m_z, m_d their medians over the
+    task's training patches: ‖z‖ (not ½‖z‖²) so both parts grow linearly with a patch's distance from the
+    normal ones.
     """
     if cfg.patch_score != "blend":
         z, log_det = model(x)  # (B, H, W, C'), (B, H, W)
         return patch_scores(z, log_det, cfg.patch_score)
     d, scale = model.memory_distance(x)  # (B, H, W), (2,)
-    w = cfg.memory_weight
-    if not reads_flow(cfg):
+    w = blend_weight(model, cfg)
+    if not reads_flow(cfg, w):
         return d / scale[1]  # the flow would not count
     z, _ = model(x)
     return (1 - w) * z.norm(dim=-1) / scale[0] + w * d / scale[1]
@@ -167,7 +180,7 @@ class Scores:
         return Scores(self.tasks[index], self.image[index], self.patch[index], None if self.maps is None else self.maps[index])
 
 
-_MEMORY_ONLY = ScoringConfig(patch_score="blend", memory_weight=1.0)  # the memory's distance over its median
+_MEMORY_ONLY = ScoringConfig(patch_score="blend", memory_weight_from="fixed", memory_weight=1.0)  # the memory's distance over its median
 
 
 class Scorer:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from moleflow.config import Config, ConfigError, config_from_dict, config_to_dict
+from moleflow.continual.blend_weight import choose_memory_weight
 from moleflow.continual.ogp import GradientMemory, task_gradients
 from moleflow.continual.scenario import display_name
 from moleflow.continual.train import TrainLog as FitLog, fit_task, seed_everything
@@ -124,18 +125,21 @@ def _fit(system: System, model: MoLEFlow, t: int, train: FeatureSet, progress: b
 
 
 def _fold_scores(system: System, t: int, train: FeatureSet, folds: list[torch.Tensor], start: MoLEFlow,
-                 step: int, progress: bool) -> list[np.ndarray]:
+                 step: int, progress: bool, weight: float | None) -> list[np.ndarray]:
     """Image scores of each held-out fold by a throwaway copy of the model, taken before task t trained
-    (`start`), whose task t trained like the shipped one on the training images outside that fold."""
+    (`start`), whose task t trained like the shipped one on the training images outside that fold and
+    scores with the shipped task's memory weight `weight` (None: it chose none)."""
     scores = []
     for held in folds:
         model = copy.deepcopy(start)
         seed_everything(system.cfg.train.seed + step)
         rest = _without(train, held)
-        if reads_flow(system.cfg.scoring):
+        if reads_flow(system.cfg.scoring, weight):
             _fit(system, model, t, rest, progress)
         else:  # the scores read the patch memory alone: its coreset is the whole training, no flow needed
             model.fit_memory(t, rest.patches, seed=system.cfg.train.seed, flow_scale=False)
+        if weight is not None:
+            model.set_memory_weight(t, weight)
         scores.append(held_out_scores(dataclasses.replace(system, model=model.eval()), t, train.subset(held))[0])
     return scores
 
@@ -148,6 +152,11 @@ def _train(system: System, t: int, specs: list[str], train: FeatureSet, progress
     folds = held_out_folds(len(train), sc.calibration_holdout, sc.calibration_folds, _calibration_seed(system, t))
     start = copy.deepcopy(system.model) if folds else None  # the fold models start where task t does
     log = _fit(system, system.model, t, train, progress)  # the shipped task learns from every training image
+    weight = None
+    if sc.patch_score == "blend" and sc.memory_weight_from == "synthetic":
+        weight = choose_memory_weight(system.model, system.extractor, t, train.paths, system.cfg.data.image_size,
+                                      sc, seed=_calibration_seed(system, t)).weight
+        system.model.set_memory_weight(t, weight)
     if system.memory is not None:
         remember_gradients(system, t, train)
     # The colour floor reads the shipped modules' own patch scores on the images that set the memory's
@@ -155,7 +164,7 @@ def _train(system: System, t: int, specs: list[str], train: FeatureSet, progress
     patch = held_out_scores(system, t, train.subset(scale_sample(len(train))))[1]
     t0 = time.perf_counter()
     if folds:
-        pooled = np.concatenate(_fold_scores(system, t, train, folds, start, step, progress))
+        pooled = np.concatenate(_fold_scores(system, t, train, folds, start, step, progress, weight))
     else:  # no share held out: the threshold from the training images in sample
         pooled = held_out_scores(system, t, train)[0]
     info = TrainLog(
@@ -164,6 +173,7 @@ def _train(system: System, t: int, specs: list[str], train: FeatureSet, progress
         calibration_seconds=time.perf_counter() - t0 if folds else None,
         ogp_directions=sum(system.memory.rank().values()) if system.memory is not None else None,  # stored so far
         grad_norms=tuple(log.grad_norms) if log.grad_norms else None,  # per epoch, per coupling block
+        memory_weight=weight,
     )
     threshold = float(np.quantile(pooled, sc.threshold_quantile))
     map_low = float(np.quantile(patch, 0.01))  # the bottom of the map colour scale: the shipped modules' own

@@ -6,7 +6,8 @@ This is PatchCore's score (Roth et al. 2022: k-centre greedy coreset of the trai
 neighbour) kept per task, next to the flow: over the same features it localizes better than the flow does
 (docs/localization.md), and a task's memory holds only its own training patches, so it keeps complete
 separation (no task reads or changes another's). `scale` holds the medians over the task's training
-patches of the flow's ‖z‖ and of d, so `scoring.memory_weight` blends two scores of the same unit.
+patches of the flow's ‖z‖ and of d, so the blend adds two scores of the same unit; `weight` is the
+task's own blend weight, chosen on synthetic defects of its training images (continual/blend_weight.py).
 """
 from __future__ import annotations
 
@@ -44,6 +45,9 @@ class PatchMemory(nn.Module):
         super().__init__()
         self.register_buffer("bank", torch.zeros(size, channels))  # (M, C)
         self.register_buffer("scale", torch.ones(2))  # (flow ‖z‖, nearest distance) medians over training patches
+        # the task's memory weight in the blend; NaN: none chosen (scoring.memory_weight applies). Task
+        # files written before it existed load without it (MoLEFlow.load_task_state_dict).
+        self.register_buffer("weight", torch.tensor(float("nan")))
 
     def resize(self, size: int) -> None:
         """Make room for `size` memory patches (before loading a saved task's bank)."""

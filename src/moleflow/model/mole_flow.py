@@ -17,6 +17,7 @@ Complete separation (V4.1): `set_trainable(0)` opens the shared part (flow weigh
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -226,6 +227,16 @@ class MoLEFlow(nn.Module):
             raise RuntimeError(f"task {key} has no patch memory (model.memory_share = 0 when it was built)")
         return self.memory[key].distance(x), self.memory[key].scale
 
+    def set_memory_weight(self, t: int, weight: float) -> None:
+        """Store task t's own blend weight (chosen when it trained; read by scoring.task_patch_scores)."""
+        self.memory[self._key(t)].weight.fill_(weight)
+
+    def memory_weight(self) -> float | None:
+        """The active task's stored blend weight, or None when it has none (no memory, or none chosen)."""
+        key = self._require_active()
+        w = float(self.memory[key].weight) if key in self.memory else math.nan
+        return None if math.isnan(w) else w
+
     def forward_routed(self, x: torch.Tensor, task_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each image under its own task: one sub-batch per distinct task, results scattered back."""
         b = x.shape[0]
@@ -349,9 +360,12 @@ class MoLEFlow(nn.Module):
         bank = sd.get(f"memory.{key}.bank")
         if key in self.memory and bank is not None:
             self.memory[key].resize(bank.shape[0])  # a memory's size is its training set's
-        owners = self._owners()
+        names = [n for n, o in self._owners().items() if o == key]
+        weight = f"memory.{key}.weight"
+        if weight not in sd and bank is not None:  # written before tasks chose their blend weight: stays NaN
+            names.remove(weight)
         try:
-            self._load_into([n for n, o in owners.items() if o == key], sd, f"task {t} model state")
+            self._load_into(names, sd, f"task {t} model state")
         except (KeyError, ValueError):
             if created:
                 self.remove_task(t)

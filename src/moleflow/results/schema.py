@@ -2,8 +2,9 @@
 
 Layout of results.json, keys in the order written (`RunResults.to_json`):
 
-    format_version  3 (k-fold calibration: folds, seconds); 2: false-alarm / miss rates, calibration
-                    images; 1: files written before the field existed. All three are read.
+    format_version  4 (each task's chosen memory weight in its train log); 3: k-fold calibration (folds,
+                    seconds); 2: false-alarm / miss rates, calibration images; 1: files written before the
+                    field existed. All four are read.
     method          "moleflow" | "finetune" | "joint"; absent in `add-task` (without an earlier
                     results.json) and `evaluate` runs
     tasks           class names per task: [["bottle"], ["grid"]]
@@ -26,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-FORMAT_VERSION = 3  # what this moleflow writes
-READABLE_VERSIONS = (1, 2, 3)  # what it reads (each lacks the optional fields of the later ones)
+FORMAT_VERSION = 4  # what this moleflow writes
+READABLE_VERSIONS = (1, 2, 3, 4)  # what it reads (each lacks the optional fields of the later ones)
 FORMAT_KEY = "format_version"
 
 
@@ -219,6 +220,7 @@ class TrainLog:
     calibration_seconds: float | None = None  # training and scoring the fold models (version 3)
     ogp_directions: int | None = None  # OGP memory size after the task (finetune with train.ogp)
     grad_norms: tuple[dict[str, float], ...] | None = None  # per epoch, per coupling block (train.record_grad_norms)
+    memory_weight: float | None = None  # the blend weight the task chose on synthetic defects (version 4)
 
     def to_json(self) -> dict:
         out = {}

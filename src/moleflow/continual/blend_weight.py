@@ -1,0 +1,66 @@
+"""Each task's memory weight in the blend, chosen from synthetic defects on its own training images.
+
+    32 training images ──CutPaste (data/synthetic.py)──► defective copies + masks
+        ──backbone──► patches ──task t: ‖z‖ / m_z, d / m_d──► for each w of scoring.memory_weights:
+        maps of (1 − w)·‖z‖ + w·d ──► mean of pixel AUROC and AUPRO ──► the best w, stored with the task
+
+Why per task: how much the flow adds to the nearest-patch distance depends on the product. On the
+acceptance run's real defects, bottle maps best with the memory alone (w = 1) and KolektorSDD with a
+share of the flow (docs/localization.md). The synthetic defects need only the task's own good images
+(no replay), and they rank the weights as the real defects do on these products (measured there).
+The images are the ones that set the memory's medians (`scale_sample`); they are in sample for both
+parts, like those medians.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from moleflow.config import ScoringConfig
+from moleflow.data.images import load_image
+from moleflow.data.synthetic import synthetic_defects
+from moleflow.features.backbone import FeatureExtractor
+from moleflow.metrics import aupro, pixel_auroc
+from moleflow.model.memory import scale_sample
+from moleflow.model.mole_flow import MoLEFlow
+from moleflow.scoring import anomaly_map
+
+
+@dataclass(frozen=True)
+class BlendChoice:
+    weight: float  # the chosen memory weight (the fallback when no defect could be made)
+    weights: tuple[float, ...]  # the candidates, as tried
+    quality: tuple[float, ...]  # per candidate: mean of pixel AUROC and AUPRO on the synthetic defects
+    n_defects: int  # synthetic defective images they were measured on
+
+
+def choose_memory_weight(model: MoLEFlow, extractor: FeatureExtractor, t: int, paths: list[str], image_size: int,
+                         cfg: ScoringConfig, seed: int, batch_size: int = 16) -> BlendChoice:
+    """Task t's best memory weight of `cfg.memory_weights` on CutPaste defects of (up to 32 of) its
+    training images `paths` (two of each kind per image, seeded) and the clean images themselves."""
+    hosts = torch.stack([load_image(paths[i], image_size) for i in scale_sample(len(paths)).tolist()])
+    defective, masks = synthetic_defects(hosts, per_image=2, seed=seed)  # (M, 3, S, S), (M, S, S)
+    weights = tuple(cfg.memory_weights)
+    if len(defective) == 0:  # featureless images: no paste is visible, nothing to judge by
+        return BlendChoice(cfg.memory_weight, weights, (), 0)
+    images = torch.cat([hosts, defective])
+    truth = torch.cat([torch.zeros(len(hosts), *masks.shape[1:], dtype=torch.bool), masks]).numpy()
+    device = next(model.parameters()).device
+    flow, near = [], []
+    model.eval()
+    with torch.no_grad(), model.use_task(t):
+        for s in range(0, len(images), batch_size):
+            x, _ = extractor(images[s:s + batch_size].to(device))  # (b, H, W, C)
+            d, scale = model.memory_distance(x)  # (b, H, W), (2,)
+            z, _ = model(x)  # (b, H, W, C')
+            flow.append((z.norm(dim=-1) / scale[0]).cpu())
+            near.append((d / scale[1]).cpu())
+    zn, dn = torch.cat(flow), torch.cat(near)  # (N, H, W) each, in training medians
+    quality = []
+    for w in weights:
+        maps = anomaly_map((1 - w) * zn + w * dn, image_size, cfg.blur_sigma).numpy()  # (N, S, S)
+        quality.append(float(np.mean([pixel_auroc(truth, maps), aupro(truth, maps)])))
+    best = max(range(len(weights)), key=lambda i: (quality[i], weights[i]))  # a tie goes to the memory
+    return BlendChoice(weights[best], weights, tuple(quality), len(defective))
