@@ -57,10 +57,17 @@ def choose_memory_weight(model: MoLEFlow, extractor: FeatureExtractor, t: int, p
             z, _ = model(x)  # (b, H, W, C')
             flow.append((z.norm(dim=-1) / scale[0]).cpu())
             near.append((d / scale[1]).cpu())
-    zn, dn = torch.cat(flow), torch.cat(near)  # (N, H, W) each, in training medians
+    quality = blend_quality(torch.cat(flow), torch.cat(near), truth, weights, image_size, cfg.blur_sigma)
+    best = max(range(len(weights)), key=lambda i: (quality[i], weights[i]))  # a tie goes to the memory
+    return BlendChoice(weights[best], weights, quality, len(defective))
+
+
+def blend_quality(flow: torch.Tensor, near: torch.Tensor, truth: np.ndarray, weights: tuple[float, ...],
+                  image_size: int, sigma: float) -> tuple[float, ...]:
+    """Per weight w: the mean of pixel AUROC and AUPRO of the maps of (1 − w)·flow + w·near (each (N, H, W),
+    in training medians) against the masks `truth` (N, S, S)."""
     quality = []
     for w in weights:
-        maps = anomaly_map((1 - w) * zn + w * dn, image_size, cfg.blur_sigma).numpy()  # (N, S, S)
+        maps = anomaly_map((1 - w) * flow + w * near, image_size, sigma).numpy()  # (N, S, S)
         quality.append(float(np.mean([pixel_auroc(truth, maps), aupro(truth, maps)])))
-    best = max(range(len(weights)), key=lambda i: (quality[i], weights[i]))  # a tie goes to the memory
-    return BlendChoice(weights[best], weights, tuple(quality), len(defective))
+    return tuple(quality)

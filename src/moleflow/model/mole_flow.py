@@ -235,7 +235,7 @@ class MoLEFlow(nn.Module):
         """The active task's stored blend weight, or None when it has none (no memory, or none chosen)."""
         key = self._require_active()
         w = float(self.memory[key].weight) if key in self.memory else math.nan
-        return None if math.isnan(w) else w
+        return None if math.isnan(w) else round(w, 6)  # stored in float32: 0.9 comes back as 0.9000000238
 
     def forward_routed(self, x: torch.Tensor, task_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each image under its own task: one sub-batch per distinct task, results scattered back."""
