@@ -137,6 +137,7 @@ def test_training_task1_leaves_shared_and_task0_bitwise_unchanged():
             loss.backward()
             opt.step()
     model.fit_memory(1, x1, seed=0)  # after training, as continual.system does: task 1's patch memory
+    model.set_memory_weight(1, 0.9)  # then its blend weight, as continual.system does after choosing it
 
     for name, value in model.shared_state_dict().items():
         assert torch.equal(value, shared_before[name]), name

@@ -82,14 +82,12 @@ class ModelConfig:
     spatial_mixer: bool = True
     dia_blocks: int = 4  # 0 = no DIA
     dia_hidden_ratio: float = 0.5
-    # "concat" by default: with full whitening, lr 1e-3 and the latent score it localizes better than "none"
-    # (transistor pixel AUROC 0.954 → 0.964, AUPRO 0.840 → 0.879) for +25 % per-task parameters; "add" (the
-    # notes') mixes the encoding into the features (docs/localization.md).
+    # "concat": transistor pixel AUROC 0.954 → 0.964, AUPRO 0.840 → 0.879 over "none" for +25 % per-task
+    # parameters; "add" (the notes') mixes the encoding into the features (docs/localization.md).
     pos_encoding: Literal["add", "concat", "none"] = "concat"
     pos_encoding_dim: int = 32  # channels appended in "concat" mode
-    # Per-task patch memory: a greedy coreset of this share of the task's training patches (2 %: a 1 %
-    # coreset's AUPRO moved by ±0.01 with its seed), read by scoring.patch_score "blend" and
-    # router.hybrid_score "memory". 0: none (the notes'). Greedy selection: 1–8 min per task on 2 cores.
+    # Per-task patch memory: a greedy coreset of this share of the task's training patches (2 %: at 1 % AUPRO
+    # moved ±0.01 with the seed), read by scoring "blend" and router "memory". 0: none (the notes').
     memory_share: float = 0.02
 
 
@@ -128,17 +126,13 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ScoringConfig:
-    # "nll": ½‖z‖² − log|det J| (the notes); "latent": ½‖z‖² (FastFlow's map). See scoring.patch_scores.
-    # "blend": (1 − w)·‖z‖ + w·(distance to the task's nearest memory patch), each over its median on the
-    # task's training patches (scoring.task_patch_scores; needs model.memory_share).
-    # Blend 0.8 over the flow alone: pixel AP +0.02–0.17 on bottle, transistor, KolektorSDD; the memory alone
-    # (1.0) maps bottle better, KolektorSDD worse (docs/localization.md, the run with the patch memory).
+    # "nll": ½‖z‖² − log|det J| (the notes); "latent": ½‖z‖² (FastFlow's); "blend": (1 − w)·‖z‖ + w·(distance to
+    # the nearest memory patch), each over its training median (needs model.memory_share; task_patch_scores).
     patch_score: Literal["nll", "latent", "blend"] = "blend"
-    # w per task: "synthetic" picks, when the task trains, the one of `memory_weights` whose maps best find
-    # synthetic (CutPaste) defects pasted on its own training images (continual/blend_weight.py) and stores
-    # it with the task. "fixed": every task uses `memory_weight`, also the weight of tasks saved without a
-    # choice. The candidates start at the fixed 0.8: below it, real AP (KolektorSDD) and AUPRO (transistor)
-    # fell although the synthetic defects still favoured the flow (docs/localization.md).
+    # w per task: "synthetic": the one of `memory_weights` whose maps best find CutPaste defects pasted on the
+    # task's own training images, stored with the task (continual/blend_weight.py); "fixed": `memory_weight`
+    # (also for tasks saved without a choice). Candidates from 0.8: below it the synthetic defects still
+    # favour the flow on transistor and KolektorSDD while their real ones do not (docs/localization.md).
     memory_weight_from: Literal["synthetic", "fixed"] = "synthetic"
     memory_weight: float = 0.8
     memory_weights: list[float] = field(default_factory=lambda: [0.8, 0.9, 1.0])
@@ -147,11 +141,9 @@ class ScoringConfig:
     # +0.04 on transistor and kolektor, +0.016 on ELPV poly, same on mono and bottle (docs/localization.md).
     top_k: int = 50
     blur_sigma: float = 4.0
-    # A task's decision threshold: this quantile of the image scores of held-out shares (k-fold): the shipped
-    # task trains on every training image; each of `calibration_folds` disjoint seeded shares of
-    # `calibration_holdout` is scored by a throwaway copy of the task trained without it. Pooled shares
-    # steady the quantile (one share of ~40 bottle images put it anywhere from 127 to 199); 2 × 0.3 costs 1.4
-    # trainings beside the shipped one. No share (holdout 0): the training images themselves (the notes').
+    # Threshold: this quantile of the image scores of `calibration_folds` disjoint seeded shares of
+    # `calibration_holdout` of the training images, each scored by a throwaway copy of the task trained
+    # without it (the shipped task trains on all). Holdout 0: the training images in sample (the notes').
     threshold_quantile: float = 0.99
     calibration_holdout: float = 0.3
     calibration_folds: int = 2
@@ -166,9 +158,8 @@ class RouterConfig:
     hybrid_score: Literal["nll", "memory"] = "nll"
     unknown: bool = False  # answer "unknown" beyond the per-task distance threshold
     unknown_quantile: float = 0.99
-    # Unknown beyond this times the quantile of the calibration images' distances. Defective images of a
-    # learned product lie up to ~6× beyond it on bottle, transistor and ELPV, an unlearned product
-    # (KolektorSDD) ≥ 7.6× (docs/localization.md): 10 keeps defects in, chosen on those products.
+    # Unknown beyond this times the calibration quantile: defects of a learned product lie up to ~6× beyond
+    # it (bottle, transistor, ELPV), an unlearned product (KolektorSDD) ≥ 7.6× (docs/localization.md).
     unknown_margin: float = 10.0
     calibrated: bool = False  # compare tasks in units of each task's own distance threshold
     # The descriptor's statistic over the patches: "log_rms" (texture; robust to defects) or "mean" (the notes').

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+NO_WEIGHT = -1.0  # PatchMemory.weight when the task chose no blend weight (weights lie in [0, 1])
+
 
 def scale_sample(n: int, size: int = 32) -> torch.Tensor:
     """Indices of (up to `size` of) n training images, evenly spread: the images whose patches set a
@@ -45,9 +47,10 @@ class PatchMemory(nn.Module):
         super().__init__()
         self.register_buffer("bank", torch.zeros(size, channels))  # (M, C)
         self.register_buffer("scale", torch.ones(2))  # (flow ‖z‖, nearest distance) medians over training patches
-        # the task's memory weight in the blend; NaN: none chosen (scoring.memory_weight applies). Task
-        # files written before it existed load without it (MoLEFlow.load_task_state_dict).
-        self.register_buffer("weight", torch.tensor(float("nan")))
+        # the task's memory weight in the blend; NO_WEIGHT: none chosen (scoring.memory_weight applies).
+        # Not NaN: NaN ≠ NaN, and a task's tensors must compare bitwise equal to themselves. Task files
+        # written before it existed load without it (MoLEFlow.load_task_state_dict).
+        self.register_buffer("weight", torch.tensor(NO_WEIGHT))
 
     def resize(self, size: int) -> None:
         """Make room for `size` memory patches (before loading a saved task's bank)."""

@@ -17,7 +17,6 @@ Complete separation (V4.1): `set_trainable(0)` opens the shared part (flow weigh
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -27,7 +26,7 @@ from moleflow.model.adapters import DIA, SpatialMixer, StatsWhitening, Whitening
 from moleflow.config import ModelConfig
 from moleflow.model.flow import BaseFlow
 from moleflow.model.lora import LoRALinear
-from moleflow.model.memory import PatchMemory, greedy_coreset, scale_sample
+from moleflow.model.memory import NO_WEIGHT, PatchMemory, greedy_coreset, scale_sample
 from moleflow.model.positional import PositionalEncoding
 
 
@@ -234,8 +233,8 @@ class MoLEFlow(nn.Module):
     def memory_weight(self) -> float | None:
         """The active task's stored blend weight, or None when it has none (no memory, or none chosen)."""
         key = self._require_active()
-        w = float(self.memory[key].weight) if key in self.memory else math.nan
-        return None if math.isnan(w) else round(w, 6)  # stored in float32: 0.9 comes back as 0.9000000238
+        w = float(self.memory[key].weight) if key in self.memory else NO_WEIGHT
+        return None if w < 0 else round(w, 6)  # stored in float32: 0.9 comes back as 0.9000000238
 
     def forward_routed(self, x: torch.Tensor, task_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each image under its own task: one sub-batch per distinct task, results scattered back."""
@@ -362,7 +361,7 @@ class MoLEFlow(nn.Module):
             self.memory[key].resize(bank.shape[0])  # a memory's size is its training set's
         names = [n for n, o in self._owners().items() if o == key]
         weight = f"memory.{key}.weight"
-        if weight not in sd and bank is not None:  # written before tasks chose their blend weight: stays NaN
+        if weight not in sd and bank is not None:  # written before tasks chose their blend weight: stays NO_WEIGHT
             names.remove(weight)
         try:
             self._load_into(names, sd, f"task {t} model state")

@@ -2,11 +2,9 @@
 
 Layout of results.json, keys in the order written (`RunResults.to_json`):
 
-    format_version  4 (each task's chosen memory weight in its train log); 3: k-fold calibration (folds,
-                    seconds); 2: false-alarm / miss rates, calibration images; 1: files written before the
-                    field existed. All four are read.
-    method          "moleflow" | "finetune" | "joint"; absent in `add-task` (without an earlier
-                    results.json) and `evaluate` runs
+    format_version  4: each task's memory weight; 3: k-fold calibration (folds, seconds); 2: false-alarm /
+                    miss rates, calibration images; 1: before the field existed. All four are read.
+    method          "moleflow" | "finetune" | "joint"; absent in `evaluate` and first `add-task` runs
     tasks           class names per task: [["bottle"], ["grid"]]
     task_specs      class specs per task ("mvtec:bottle"); absent in `evaluate` runs
     steps           one `Step` per training step: after_task, per_task (a `TaskEval` per task seen),
