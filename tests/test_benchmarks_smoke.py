@@ -150,3 +150,29 @@ def test_serve_benchmark_reports_rates_latency_and_failures_across_an_add_task(t
         r = out[phase]
         assert r["failed"] == 0 and r["img_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0
     assert out["served"]["generations"] == [1] and out["served_after_add_task"]["generations"] == [2]
+
+
+def test_blend_weight_recomputes_each_tasks_stored_choice(tiny_root, tmp_path, capsys):
+    """benchmarks/blend_weight.py on a saved two-task model: a row per task and candidate weight, every
+    figure a share in [0, 1], and the weight each task stored when it trained is the best synthetic row
+    among the training candidates (the script redoes the seeded choice of continual/blend_weight.py)."""
+    from moleflow.config import load_config
+    from moleflow.continual.jobs import run_fit
+
+    cfg = load_config(None, ["data.dataset=mvtec", f"data.root={tiny_root}", "scenario.tasks=[[bottle],[grid]]",
+                             "output.plots=false", "scoring.calibration_holdout=0", "model.memory_share=0.5", *TINY])
+    run_fit(cfg, tmp_path / "run", progress=False, echo=lambda *a: None)
+    code = _load("blend_weight").main([str(tmp_path / "run" / "model"), "--weights", "0,0.8,0.9,1", "--cache", "",
+                                       "--category", str(tiny_root / "bottle"), "--category", str(tiny_root / "grid")])
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()[2:]
+    rows = [line.split("|")[1:-1] + ["<- stored" in line.split("|")[-1]] for line in lines]  # cells, stored?
+    assert [(int(r[1]), r[2].strip(), float(r[3])) for r in rows] == [(t, c, w) for t, c in ((0, "bottle"), (1, "grid"))
+                                                                        for w in (0, 0.8, 0.9, 1)]
+    assert all(0 <= float(v) <= 1 for r in rows for v in r[4:8]) and len(rows[0]) == 9
+    for t in (0, 1):
+        mine = [r for r in rows if int(r[1]) == t and float(r[3]) in cfg.scoring.memory_weights]
+        stored = [r for r in mine if r[-1]]
+        assert len(stored) == 1
+        best = max(mine, key=lambda r: (float(r[4]), float(r[3])))  # a tie goes to the memory, as in training
+        assert stored[0] == best

@@ -85,12 +85,20 @@ def task_patch_scores(model: MoLEFlow, x: torch.Tensor, cfg: ScoringConfig) -> t
     if cfg.patch_score != "blend":
         z, log_det = model(x)  # (B, H, W, C'), (B, H, W)
         return patch_scores(z, log_det, cfg.patch_score)
-    d, scale = model.memory_distance(x)  # (B, H, W), (2,)
     w = blend_weight(model, cfg)
     if not reads_flow(cfg, w):
+        d, scale = model.memory_distance(x)  # (B, H, W), (2,)
         return d / scale[1]  # the flow would not count
-    z, _ = model(x)
-    return (1 - w) * z.norm(dim=-1) / scale[0] + w * d / scale[1]
+    flow, near = blend_parts(model, x)
+    return (1 - w) * flow + w * near
+
+
+def blend_parts(model: MoLEFlow, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Under the active task: patches x (B, H, W, C) -> the blend's two parts (B, H, W) each, in the task's
+    training medians: ‖z‖ / m_z and d / m_d (d: distance to the nearest memory patch)."""
+    d, scale = model.memory_distance(x)  # (B, H, W), (2,)
+    z, _ = model(x)  # (B, H, W, C')
+    return z.norm(dim=-1) / scale[0], d / scale[1]
 
 
 def routed_patch_scores(model: MoLEFlow, x: torch.Tensor, tasks: torch.Tensor, cfg: ScoringConfig) -> torch.Tensor:

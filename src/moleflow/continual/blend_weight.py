@@ -25,7 +25,7 @@ from moleflow.features.backbone import FeatureExtractor
 from moleflow.metrics import aupro, pixel_auroc
 from moleflow.model.memory import scale_sample
 from moleflow.model.mole_flow import MoLEFlow
-from moleflow.scoring import anomaly_map
+from moleflow.scoring import anomaly_map, blend_parts
 
 
 @dataclass(frozen=True)
@@ -53,10 +53,9 @@ def choose_memory_weight(model: MoLEFlow, extractor: FeatureExtractor, t: int, p
     with torch.no_grad(), model.use_task(t):
         for s in range(0, len(images), batch_size):
             x, _ = extractor(images[s:s + batch_size].to(device))  # (b, H, W, C)
-            d, scale = model.memory_distance(x)  # (b, H, W), (2,)
-            z, _ = model(x)  # (b, H, W, C')
-            flow.append((z.norm(dim=-1) / scale[0]).cpu())
-            near.append((d / scale[1]).cpu())
+            parts = blend_parts(model, x)  # (b, H, W) each
+            flow.append(parts[0].cpu())
+            near.append(parts[1].cpu())
     quality = blend_quality(torch.cat(flow), torch.cat(near), truth, weights, image_size, cfg.blur_sigma)
     best = max(range(len(weights)), key=lambda i: (quality[i], weights[i]))  # a tie goes to the memory
     return BlendChoice(weights[best], weights, quality, len(defective))
