@@ -42,6 +42,19 @@ def write_striped_class(root: Path, name: str, colour: tuple[int, int, int], see
         Image.fromarray(mask).save(root / name / "ground_truth/hole" / f"{k:03d}_mask.png")
 
 
+def tiny_memory_model():
+    """A two-task MoLEFlow over 8 channels with a 5 % patch memory per task (tasks 0 and 1 added, eval mode)."""
+    from moleflow.config import ModelConfig
+    from moleflow.model.mole_flow import MoLEFlow
+
+    cfg = ModelConfig(coupling_blocks=2, lora_rank=2, dia_blocks=1, context_kernel=3, pos_encoding="none",
+                      memory_share=0.05)
+    model = MoLEFlow(cfg, 8).eval()
+    for t in (0, 1):
+        model.add_task(t)
+    return model
+
+
 def shared_data_path() -> Path:
     """../shared/data beside the checkout, or $MOLEFLOW_SHARED_DATA."""
     env = os.environ.get("MOLEFLOW_SHARED_DATA")

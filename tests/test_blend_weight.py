@@ -3,12 +3,13 @@
 import numpy as np
 import pytest
 import torch
+
+from helpers import tiny_memory_model
 from PIL import Image
 
-from moleflow.config import ModelConfig, ScoringConfig
+from moleflow.config import ScoringConfig
 from moleflow.continual.blend_weight import blend_quality, choose_memory_weight
 from moleflow.data.synthetic import cutpaste, synthetic_defects
-from moleflow.model.mole_flow import MoLEFlow
 from moleflow.scoring import task_patch_scores
 
 
@@ -57,15 +58,6 @@ def test_the_quality_favours_whichever_part_sits_on_the_defects():
     assert flow_knows[0] > flow_knows[1] > flow_knows[2]
 
 
-def _model() -> MoLEFlow:
-    cfg = ModelConfig(coupling_blocks=2, lora_rank=2, dia_blocks=1, context_kernel=3, pos_encoding="none",
-                      memory_share=0.05)
-    model = MoLEFlow(cfg, 8).eval()
-    for t in (0, 1):
-        model.add_task(t)
-    return model
-
-
 class _Extractor:
     """Stands in for the backbone: (B, 3, 32, 32) images -> (B, 4, 4, 8) patches (the mean of each
     8×8 cell's channels, repeated), so a pasted piece changes the patches it covers."""
@@ -77,7 +69,7 @@ class _Extractor:
 
 
 def test_the_chosen_weight_is_stored_with_the_task_saved_and_read_by_the_scorer(tmp_path):
-    model, extractor = _model(), _Extractor()
+    model, extractor = tiny_memory_model(), _Extractor()
     paths = []
     for i in range(6):
         paths.append(str(tmp_path / f"{i}.png"))
@@ -103,9 +95,9 @@ def test_the_chosen_weight_is_stored_with_the_task_saved_and_read_by_the_scorer(
     # the weight travels with the task's tensors; a task file written before it existed still loads
     sd = model.task_state_dict(1)
     assert float(sd["memory.1.weight"]) == pytest.approx(0.3)
-    other = _model()
+    other = tiny_memory_model()
     other.load_task_state_dict(1, sd)
-    old = _model()
+    old = tiny_memory_model()
     old.load_shared_state_dict(model.shared_state_dict())
     old.load_task_state_dict(1, {k: v for k, v in sd.items() if k != "memory.1.weight"})
     with torch.no_grad():

@@ -1,9 +1,10 @@
 """The per-task patch memory (model/memory.py): PatchCore's coreset and nearest distance, kept per task."""
 import torch
 
-from moleflow.config import ModelConfig, ScoringConfig
+from helpers import tiny_memory_model
+
+from moleflow.config import ScoringConfig
 from moleflow.model.memory import PatchMemory, greedy_coreset
-from moleflow.model.mole_flow import MoLEFlow
 from moleflow.scoring import patch_score_label, routed_patch_scores, task_patch_scores
 
 
@@ -29,17 +30,8 @@ def test_distance_is_the_nearest_memory_patch_in_blocks():
     assert float(mem.distance(mem.bank[:4].reshape(1, 2, 2, 6)).max()) < 1e-2  # a memory patch is at distance ~0
 
 
-def _model():
-    cfg = ModelConfig(coupling_blocks=2, lora_rank=2, dia_blocks=1, context_kernel=3, pos_encoding="none",
-                      memory_share=0.05)
-    model = MoLEFlow(cfg, 8).eval()
-    for t in (0, 1):
-        model.add_task(t)
-    return model
-
-
 def test_memory_is_the_tasks_own_and_loads_at_its_own_size():
-    model = _model()
+    model = tiny_memory_model()
     g = torch.Generator().manual_seed(2)
     p0, p1 = torch.randn(6, 4, 4, 8, generator=g), torch.randn(9, 4, 4, 8, generator=g) + 3
     model.fit_memory(0, p0, seed=0)
@@ -49,14 +41,14 @@ def test_memory_is_the_tasks_own_and_loads_at_its_own_size():
     # a memory patch is one of the task's own training patches
     flat0 = p0.reshape(-1, 8)
     assert all(bool((flat0 == row).all(dim=1).any()) for row in model.memory["0"].bank)
-    other = _model()
+    other = tiny_memory_model()
     other.load_task_state_dict(1, model.task_state_dict(1))
     assert torch.equal(other.memory["1"].bank, model.memory["1"].bank)
     assert torch.equal(other.memory["1"].scale, model.memory["1"].scale)
 
 
 def test_blend_is_the_weighted_sum_of_both_scores_over_their_training_medians_and_routes_per_task():
-    model = _model()
+    model = tiny_memory_model()
     g = torch.Generator().manual_seed(3)
     p = [torch.randn(6, 4, 4, 8, generator=g), torch.randn(6, 4, 4, 8, generator=g) * 2]
     for t in (0, 1):
@@ -82,7 +74,7 @@ def test_blend_is_the_weighted_sum_of_both_scores_over_their_training_medians_an
         torch.testing.assert_close(task_patch_scores(model, x, memory_only), d / model.memory["1"].scale[1])
     assert "flow" in patch_score_label(cfg) and "flow" not in patch_score_label(memory_only)
     # a throwaway model scored by the memory alone skips the flow's median; the distance's is the same
-    bare = _model()
+    bare = tiny_memory_model()
     bare.fit_memory(1, p[1], seed=0, flow_scale=False)
     assert torch.equal(bare.memory["1"].bank, model.memory["1"].bank)
     assert bare.memory["1"].scale[0] == 1 and bare.memory["1"].scale[1] == model.memory["1"].scale[1]
@@ -95,7 +87,7 @@ def test_hybrid_routing_by_memory_picks_the_task_whose_memory_is_nearest():
     from moleflow.router import TaskRouter
     from moleflow.scoring import Scorer
 
-    model = _model()
+    model = tiny_memory_model()
     g = torch.Generator().manual_seed(4)
     p = [torch.randn(6, 4, 4, 8, generator=g), torch.randn(6, 4, 4, 8, generator=g) + 4]
     router = TaskRouter(RouterConfig(mode="hybrid", hybrid_score="memory", shrinkage=0.5))
