@@ -23,7 +23,7 @@ from moleflow.results.schema import (
     get_metric,
     summarize,
 )
-from moleflow.results.tables import final_table, metric_table, results_markdown, step_table
+from moleflow.results.tables import final_table, memory_weight_line, metric_table, results_markdown, step_table
 
 REAL = ("fit", "eval", "ogp")
 SRC = Path(moleflow.metrics.__file__).parent
@@ -140,3 +140,14 @@ def test_no_metric_name_is_spelled_outside_the_registry():
         text = f.read_text()
         spelled = [n for n in names if re.search(rf"""["']{re.escape(n)}["']""", text)]
         assert not spelled, f"{f.name} spells {spelled}; take them from moleflow.results.schema"
+
+
+def test_each_tasks_chosen_memory_weight_is_shown_by_name():
+    steps, _ = _with_skipped_task()
+    assert memory_weight_line(RunResults.from_json({"tasks": [["bottle"]], "steps": steps[:1]})) is None  # none chosen
+    chosen = [dict(s, train=dict(s["train"], memory_weight=w)) for s, w in zip(steps, (1.0, 0.8))]
+    typed = RunResults.from_json({"tasks": [["bottle"], ["grid", "tile"]], "steps": chosen})
+    line = memory_weight_line(typed)
+    assert line.endswith("training images: bottle 1, grid+tile 0.8") and line in results_markdown(typed)
+    evaluated_only = {"tasks": [["bottle"]], "steps": [{"after_task": 0, "per_task": steps[0]["per_task"]}]}
+    assert memory_weight_line(RunResults.from_json(evaluated_only)) is None

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from moleflow.atomic import atomic_write_text
 from moleflow.results.schema import METRICS, RunResults, get_metric
-from moleflow.results.tables import Table, decision_table, final_table, forgetting_line, metric_table
+from moleflow.results.tables import Table, decision_table, final_table, forgetting_line, memory_weight_line, metric_table
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1100px;
@@ -121,6 +121,9 @@ def _metric_sections(results: RunResults) -> list[str]:
     body = ["<h2>Final (after the last task, routing on)</h2>", html_table(final_table(results))]
     if results.final is not None:
         body.append(f"<p>{html.escape(forgetting_line(results))}</p>")
+    weights = memory_weight_line(results)
+    if weights is not None:
+        body.append(f"<p>{html.escape(weights)}</p>")
     decisions = decision_table(results)
     if decisions is not None:
         body += ["<h2>Decisions at the shipped thresholds (routing on)</h2>", html_table(decisions),

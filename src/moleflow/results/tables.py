@@ -102,10 +102,25 @@ def forgetting_line(results: RunResults) -> str:
             + ", ".join(f"{m.label} {fmt(forg.get(m.key))}" for m in METRICS))
 
 
+def memory_weight_line(results: RunResults) -> str | None:
+    """Each trained task's memory weight w in its map, (1 − w)·flow + w·memory, as chosen on synthetic defects
+    of its own training images when it trained; None when no task chose one (a fixed weight, no blend)."""
+    chosen = [(s.after_task, s.train.memory_weight) for s in results.steps
+              if s.train is not None and s.train.memory_weight is not None]  # evaluate runs: no train log
+    if not chosen:
+        return None
+    names = {t: "+".join(c) for t, c in enumerate(results.tasks)}
+    return ("Memory weight w of each task's map, (1 − w)·flow + w·patch memory, chosen on synthetic defects of its "
+            "training images: " + ", ".join(f"{names.get(t, t)} {w:g}" for t, w in chosen))
+
+
 def results_markdown(results: RunResults) -> str:
     """results.md: the final table, forgetting, a per-step table per metric the data has, timings."""
     parts = ["# Results", "", "## Final (after the last task, routing on)", "", markdown_table(final_table(results)), ""]
     parts += [forgetting_line(results), ""]
+    weights = memory_weight_line(results)
+    if weights is not None:
+        parts += [weights, ""]
     decisions = decision_table(results)
     if decisions is not None:
         parts += ["## Decisions at the shipped thresholds (routing on)", "", markdown_table(decisions), ""]
