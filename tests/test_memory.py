@@ -73,6 +73,10 @@ def test_blend_is_the_weighted_sum_of_both_scores_over_their_training_medians_an
     with torch.no_grad(), model.use_task(1):  # memory_weight 1: PatchCore's score in units of its median
         torch.testing.assert_close(task_patch_scores(model, x, memory_only), d / model.memory["1"].scale[1])
     assert "flow" in patch_score_label(cfg) and "flow" not in patch_score_label(memory_only)
+    # a task's own weight names its map: the shares of both parts, or the memory alone at 1
+    assert "0.2·flow ‖z‖ + 0.8·nearest-patch distance" in patch_score_label(cfg, 0.8)
+    assert "flow" not in patch_score_label(cfg, 1.0)
+    assert "0.8·nearest" in patch_score_label(ScoringConfig(patch_score="blend", memory_weight_from="fixed"))  # 0.8 fixed
     # a throwaway model scored by the memory alone skips the flow's median; the distance's is the same
     bare = tiny_memory_model()
     bare.fit_memory(1, p[1], seed=0, flow_scale=False)

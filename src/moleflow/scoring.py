@@ -112,12 +112,16 @@ def routed_patch_scores(model: MoLEFlow, x: torch.Tensor, tasks: torch.Tensor, c
     return out
 
 
-def patch_score_label(cfg: ScoringConfig) -> str:
-    """What a map of `task_patch_scores(..., cfg)` shows, for colour bars and legends."""
+def patch_score_label(cfg: ScoringConfig, weight: float | None = None) -> str:
+    """What a map of `task_patch_scores(..., cfg)` shows, for colour bars and legends; `weight`: the task's
+    own memory weight (`blend_weight`), without which a blend is named by its parts."""
     if cfg.patch_score == "blend":
-        if not reads_flow(cfg):
+        if not reads_flow(cfg, weight):
             return "anomaly score (nearest-patch distance / its training median)"
-        return "anomaly score (flow ‖z‖ + nearest-patch distance, in training medians)"
+        w = cfg.memory_weight if weight is None and cfg.memory_weight_from == "fixed" else weight
+        if w is None:
+            return "anomaly score (flow ‖z‖ and nearest-patch distance, in training medians)"
+        return f"anomaly score ({1 - w:g}·flow ‖z‖ + {w:g}·nearest-patch distance, in training medians)"
     return {"nll": "anomaly score (patch NLL)", "latent": "anomaly score (½‖z‖² per patch)"}[cfg.patch_score]
 
 

@@ -33,7 +33,7 @@ from moleflow.model import checkpoint
 from moleflow.results.rundir import RunDir
 from moleflow.results.schema import RunResults, SkippedFile, Step, TaskEval, Timings, TrainLog, summarize
 from moleflow.results.tables import step_line
-from moleflow.scoring import Scores, patch_score_label
+from moleflow.scoring import Scores, blend_weight, patch_score_label
 
 
 @dataclass
@@ -101,19 +101,22 @@ def _plot(run: RunDir, system: System, results: RunResults, test_sets: dict, sco
     views = []
     for t, sc in sorted(scores.items()):
         fs = test_sets[t]
+        record = system.tasks[min(t, len(system.tasks) - 1)]  # baselines have one model task
+        with system.model.use_task(record.index):
+            weight = blend_weight(system.model, system.cfg.scoring) if system.cfg.scoring.patch_score == "blend" else None
         views.append(TaskView(
             task=t,
             name="+".join(names[t]),
             labels=fs.labels.numpy(),
             scores=sc.image.numpy(),
-            threshold=system.tasks[min(t, len(system.tasks) - 1)].threshold,  # baselines have one model task
+            threshold=record.threshold,
             paths=list(fs.paths),
             maps=sc.maps.numpy(),
             masks=None if fs.masks is None else fs.masks[:, 0].numpy().astype(bool),
             routed=sc.tasks.numpy(),
+            score_label=patch_score_label(system.cfg.scoring, weight),
         ))
-    write_run_plots(run.path, results, views, system.cfg.data.image_size, system.cfg.output.panels_per_task,
-                    patch_score_label(system.cfg.scoring))
+    write_run_plots(run.path, results, views, system.cfg.data.image_size, system.cfg.output.panels_per_task)
     write_report_html(run.path, results)
 
 

@@ -39,6 +39,7 @@ class TaskView:
     maps: np.ndarray  # (N, S, S) float32 anomaly maps
     masks: np.ndarray | None  # (N, S, S) bool ground truth; None when the dataset has no masks
     routed: np.ndarray  # (N,) the task each image was routed to
+    score_label: str = "anomaly score"  # what the task's maps show (scoring.patch_score_label), for colour bars
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels).astype(int).reshape(-1)
@@ -212,10 +213,8 @@ def _histogram(view: TaskView, path: Path) -> Path:
 # --------------------------------------------------------------------------- a run
 
 
-def write_run_plots(run_dir: Path, results: RunResults, views: list[TaskView], image_size: int, panels_per_task: int = 3,
-                    score_label: str = "anomaly score") -> list[Path]:
-    """Every figure of a run into run_dir/plots/; returns the files written (see the module docstring).
-    `score_label` names the maps' unit on the panels' colour bar (see `scoring.patch_score_label`)."""
+def write_run_plots(run_dir: Path, results: RunResults, views: list[TaskView], image_size: int, panels_per_task: int = 3) -> list[Path]:
+    """Every figure of a run into run_dir/plots/; returns the files written (see the module docstring)."""
     out = Path(run_dir) / "plots"
     out.mkdir(parents=True, exist_ok=True)
     files = [_heatmap(results, "image_auroc", out / "heatmap_image_auroc.png")]
@@ -231,5 +230,5 @@ def write_run_plots(run_dir: Path, results: RunResults, views: list[TaskView], i
         files.append(_roc_task(v, out / f"roc_{stem}.png"))
         files.append(_histogram(v, out / f"hist_{stem}.png"))
         if panels_per_task > 0:
-            files.append(draw_panels(v, image_size, panels_per_task, out / f"panels_{stem}.png", score_label))
+            files.append(draw_panels(v, image_size, panels_per_task, out / f"panels_{stem}.png", v.score_label))
     return files
