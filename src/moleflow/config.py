@@ -131,8 +131,8 @@ class ScoringConfig:
     patch_score: Literal["nll", "latent", "blend"] = "blend"
     # w per task: "synthetic": the one of `memory_weights` whose maps best find CutPaste defects pasted on the
     # task's own training images, stored with the task (continual/blend_weight.py); "fixed": `memory_weight`
-    # (also for tasks saved without a choice). Candidates from 0.8: below it the synthetic defects still
-    # favour the flow on transistor and KolektorSDD while their real ones do not (docs/localization.md).
+    # (also for tasks saved without a choice). Candidates from 0.8: below it the synthetic defects would pick
+    # 0.5 for transistor, whose real defects lose 0.01 AUPRO there (docs/localization.md).
     memory_weight_from: Literal["synthetic", "fixed"] = "synthetic"
     memory_weight: float = 0.8
     memory_weights: list[float] = field(default_factory=lambda: [0.8, 0.9, 1.0])

@@ -7,7 +7,9 @@
 Why per task: how much the flow adds to the nearest-patch distance depends on the product. On the
 acceptance run's real defects, bottle maps best with the memory alone (w = 1) and KolektorSDD with a
 share of the flow (docs/localization.md). The synthetic defects need only the task's own good images
-(no replay), and they rank the weights as the real defects do on these products (measured there).
+(no replay). Measured there (benchmarks/blend_weight.py): they rank the weights as the real defects do
+on bottle; on KolektorSDD and transistor they favour the flow more than the real defects do, hence the
+candidates' floor of 0.8 in the config.
 The images are the ones that set the memory's medians (`scale_sample`); they are in sample for both
 parts, like those medians.
 """
