@@ -28,7 +28,7 @@ import torch
 
 from moleflow.config import config_from_dict
 from moleflow.continual.blend_weight import choose_memory_weight
-from moleflow.continual.system import load_system, saved_config, task_features
+from moleflow.continual.system import calibration_seed, load_system, saved_config, task_features
 from moleflow.metrics import aupro, pixel_auroc, pixel_ap
 from moleflow.scoring import anomaly_map, blend_parts
 
@@ -62,7 +62,7 @@ def task_rows(model_dir: Path, root: Path, weights: list[float], cache: str) -> 
         paths = task_features(system, specs, "train", progress=False).paths  # as the task trained on them
         choice = choose_memory_weight(system.model, system.extractor, t, paths, cfg.data.image_size,
                                       dataclasses.replace(cfg.scoring, memory_weights=weights),
-                                      seed=cfg.train.seed * 1000 + t)  # the seed training used
+                                      seed=calibration_seed(cfg, t))  # the seed training used
         flow, near, truth = real_parts(system, t, specs)
         for i, w in enumerate(weights):
             maps = anomaly_map((1 - w) * flow + w * near, cfg.data.image_size, cfg.scoring.blur_sigma).numpy()

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from moleflow.config import Config, load_config
-from moleflow.continual.system import calibration_index
+from moleflow.continual.system import calibration_index, calibration_seed
 from moleflow.data import build_dataset
 from moleflow.features.backbone import FeatureExtractor
 from moleflow.features.cache import FeatureSet, extract_features
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     learned = args.learn.split(",")
     for t, spec in enumerate(learned):
         train = features(spec, "train")
-        held = calibration_index(len(train), cfg.scoring.calibration_holdout, cfg.train.seed * 1000 + t)
+        held = calibration_index(len(train), cfg.scoring.calibration_holdout, calibration_seed(cfg, t))
         router.add_task(t, train.descriptors, held_out=held)
     rows = []
     for t, spec in enumerate(learned):

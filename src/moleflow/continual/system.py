@@ -112,8 +112,9 @@ def _without(train: FeatureSet, held: torch.Tensor) -> FeatureSet:
     return train.subset(keep.nonzero().squeeze(1))
 
 
-def _calibration_seed(system: System, t: int) -> int:
-    return system.cfg.train.seed * 1000 + t
+def calibration_seed(cfg: Config, t: int) -> int:
+    """The seed of task t's held-out calibration shares and of its synthetic defects."""
+    return cfg.train.seed * 1000 + t
 
 
 def _fit(system: System, model: MoLEFlow, t: int, train: FeatureSet, progress: bool) -> FitLog:
@@ -149,13 +150,13 @@ def _train(system: System, t: int, specs: list[str], train: FeatureSet, progress
     held-out shares, each scored by a fold model that did not see it (see `ScoringConfig.calibration_folds`;
     without any share, on the training images): the record and its log."""
     sc = system.cfg.scoring
-    folds = held_out_folds(len(train), sc.calibration_holdout, sc.calibration_folds, _calibration_seed(system, t))
+    folds = held_out_folds(len(train), sc.calibration_holdout, sc.calibration_folds, calibration_seed(system.cfg, t))
     start = copy.deepcopy(system.model) if folds else None  # the fold models start where task t does
     log = _fit(system, system.model, t, train, progress)  # the shipped task learns from every training image
     weight = None
     if sc.patch_score == "blend" and sc.memory_weight_from == "synthetic":
         weight = choose_memory_weight(system.model, system.extractor, t, train.paths, system.cfg.data.image_size,
-                                      sc, seed=_calibration_seed(system, t)).weight
+                                      sc, seed=calibration_seed(system.cfg, t)).weight
         system.model.set_memory_weight(t, weight)
     if system.memory is not None:
         remember_gradients(system, t, train)
@@ -189,7 +190,7 @@ def learn_new_task(system: System, specs: list[str], train: FeatureSet, progress
     t = len(system.tasks) if index is None else index
     seed_everything(system.cfg.train.seed + step)
     system.model.add_task(t)
-    held = calibration_index(len(train), system.cfg.scoring.calibration_holdout, _calibration_seed(system, t))
+    held = calibration_index(len(train), system.cfg.scoring.calibration_holdout, calibration_seed(system.cfg, t))
     system.router.add_task(t, train.descriptors, held_out=held)  # the same images calibrate the unknown answer
     try:
         record, info = _train(system, t, specs, train, progress, step)
