@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from helpers import tiny_memory_model
-from PIL import Image
 
 from moleflow.config import ScoringConfig
 from moleflow.continual.blend_weight import blend_quality, choose_memory_weight

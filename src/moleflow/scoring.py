@@ -64,14 +64,18 @@ def blend_weight(model: MoLEFlow, cfg: ScoringConfig) -> float:
     return cfg.memory_weight if stored is None else stored
 
 
+def _known_weight(cfg: ScoringConfig, weight: float | None) -> float | None:
+    """`weight` (a task's own), else the config's fixed weight; None when each task chooses its own."""
+    if weight is None and cfg.memory_weight_from == "fixed":
+        return cfg.memory_weight
+    return weight
+
+
 def reads_flow(cfg: ScoringConfig, weight: float | None = None) -> bool:
     """Whether `task_patch_scores` reads the flow: not with a blend whose memory weight is 1 (`weight`, the
     task's own; without it, `cfg`'s fixed weight, or True when each task chooses its own)."""
-    if cfg.patch_score != "blend":
-        return True
-    if weight is None:
-        weight = cfg.memory_weight if cfg.memory_weight_from == "fixed" else 0.0
-    return weight < 1.0
+    w = _known_weight(cfg, weight)
+    return cfg.patch_score != "blend" or w is None or w < 1.0
 
 
 def task_patch_scores(model: MoLEFlow, x: torch.Tensor, cfg: ScoringConfig) -> torch.Tensor:
@@ -118,7 +122,7 @@ def patch_score_label(cfg: ScoringConfig, weight: float | None = None) -> str:
     if cfg.patch_score == "blend":
         if not reads_flow(cfg, weight):
             return "anomaly score (nearest-patch distance / its training median)"
-        w = cfg.memory_weight if weight is None and cfg.memory_weight_from == "fixed" else weight
+        w = _known_weight(cfg, weight)
         if w is None:
             return "anomaly score (flow ‖z‖ and nearest-patch distance, in training medians)"
         return f"anomaly score ({1 - w:g}·flow ‖z‖ + {w:g}·nearest-patch distance, in training medians)"
