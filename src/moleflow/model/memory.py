@@ -11,6 +11,9 @@ task's own blend weight, chosen on synthetic defects of its training images (con
 """
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 from torch import nn
 
@@ -63,12 +66,30 @@ class PatchMemory(nn.Module):
         b, h, w, c = x.shape
         flat = x.reshape(b * h * w, c)
         bank_sq = self.bank.pow(2).sum(1)[None]  # (1, M)
-        d2 = flat.new_empty(flat.shape[0])
-        # Blocks of query patches keep the (rows, M) product in cache: 2.5× faster than one (P, M) block
-        # with separate temporaries (predict's flow stage, docs/localization.md); ‖x‖² is added after the
-        # min since it does not change which memory patch is nearest.
-        for s in range(0, flat.shape[0], rows):
-            q = flat[s : s + rows]
-            near = torch.addmm(bank_sq, q, self.bank.T, alpha=-2.0).min(dim=1).values  # min ‖m‖² − 2 q·m
-            d2[s : s + rows] = near + q.pow(2).sum(1)
+        # Tracing (the ONNX export) unrolls a Python loop to the example batch's block count and drops
+        # the rest of a larger batch (images 3+ scored 0); the scripted loop stays a loop in the graph.
+        nearest = _nearest_sq_scripted() if torch.jit.is_tracing() else _nearest_sq
+        d2 = nearest(flat, self.bank, bank_sq, rows)
         return d2.clamp_min(0).sqrt().reshape(b, h, w)
+
+
+def _nearest_sq(flat: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor, rows: int) -> torch.Tensor:
+    """Queries (P, C), memory (M, C) and its squared norms (1, M) -> (P,) squared distance to the nearest.
+
+    Blocks of query patches keep the (rows, M) product in cache: 2.5× faster than one (P, M) block with
+    separate temporaries (predict's flow stage, docs/localization.md); ‖q‖² is added after the min since
+    it does not change which memory patch is nearest."""
+    d2 = flat.new_empty(flat.shape[0])
+    for s in range(0, flat.shape[0], rows):
+        q = flat[s : s + rows]
+        near = torch.addmm(bank_sq, q, bank.T, alpha=-2.0).min(dim=1).values  # min ‖m‖² − 2 q·m
+        d2[s : s + rows] = near + q.pow(2).sum(1)
+    return d2
+
+
+@functools.cache
+def _nearest_sq_scripted() -> torch.jit.ScriptFunction:
+    """`_nearest_sq` compiled by TorchScript (for the export's trace), once, when first exported."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice; the exporter is TorchScript's
+        return torch.jit.script(_nearest_sq)
