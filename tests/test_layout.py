@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "moleflow"
 
 # Stage of each top-level module or package of moleflow, in data-flow order.
 STAGES = [
-    ("config", "atomic"),  # configuration, atomic file writes
+    ("config", "atomic", "integrity"),  # configuration, atomic file writes, digests of what we read back
     ("data",),  # images, labels, masks
     ("features",),  # frozen backbone, weights, feature cache
     ("router",),  # which task an image belongs to

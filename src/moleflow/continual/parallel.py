@@ -105,9 +105,7 @@ def _on_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _journal_entry(rec: TaskRecord, log: TrainLog, skipped: list[tuple[str, str]]) -> dict:
-    return {"index": rec.index, "classes": rec.classes, "specs": rec.specs, "threshold": rec.threshold,
-            "map_low": rec.map_low, "file": rec.file, "sha256": rec.sha256, "train": log.to_json(),
-            "skipped": [list(s) for s in skipped]}
+    return {**rec.to_entry(), "train": log.to_json(), "skipped": [list(s) for s in skipped]}
 
 
 def journaled_tasks(model_dir: Path, wanted: dict[int, list[str]]) -> tuple[dict | None, dict[int, LearnedTask]]:

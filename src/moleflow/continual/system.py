@@ -178,7 +178,9 @@ def _train(system: System, t: int, specs: list[str], train: FeatureSet, progress
     )
     threshold = float(np.quantile(pooled, sc.threshold_quantile))
     map_low = float(np.quantile(patch, 0.01))  # the bottom of the map colour scale: the shipped modules' own
-    return TaskRecord(t, [display_name(s) for s in specs], threshold, list(specs), map_low), info
+    # the held-out scores are kept so that `moleflow threshold --false-alarm-rate` can move the operating point
+    calibration = [float(v) for v in pooled] if folds else []
+    return TaskRecord(t, [display_name(s) for s in specs], threshold, list(specs), map_low, calibration=calibration), info
 
 
 def learn_new_task(system: System, specs: list[str], train: FeatureSet, progress: bool, step: int,
@@ -254,7 +256,7 @@ def save_system(system: System, model_dir: Path, new_tasks: list[int] | None = N
         channels=system.extractor.out_channels,
         grid=system.extractor.grid,
         shared=system.model.shared_state_dict(),
-        tasks=[TaskRecord(r.index, r.classes, r.threshold, r.specs, r.map_low, r.file, r.sha256) for r in system.tasks],
+        tasks=[dataclasses.replace(r) for r in system.tasks],  # write_model sets each copy's file and sha256
         task_tensors=task_tensors,
     )
 

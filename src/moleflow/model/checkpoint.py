@@ -14,9 +14,7 @@ switched: a process killed in between leaves the previous model complete.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,19 +23,21 @@ from safetensors.torch import save as st_save
 
 from moleflow.atomic import atomic_write_bytes, atomic_write_text
 from moleflow.features.backbone import DESCRIPTOR
+from moleflow.integrity import sha256_bytes
+from moleflow.model.manifest import (  # noqa: F401 - the model directory's names, used as checkpoint.X
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    CheckpointError,
+    TaskRecord,
+    check_file_entry,
+    check_task_entry,
+    read_verified,
+    write_sealed,
+    writer_lock,
+)
 
-FORMAT = "moleflow-model"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 PENDING = "pending.json"  # tasks written by a parallel run whose manifest has not switched yet
-
-
-class CheckpointError(RuntimeError):
-    """A model directory that cannot be loaded; the message names the file and the reason."""
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _tensor_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
@@ -50,38 +50,9 @@ def _task_bytes(rec: TaskRecord, tensors: dict[str, torch.Tensor]) -> bytes:
     return _tensor_bytes(tensors, {"classes": json.dumps(rec.classes)})
 
 
-@dataclass
-class TaskRecord:
-    index: int
-    classes: list[str]
-    threshold: float  # image-score decision threshold calibrated on the task's training images
-    specs: list[str] = field(default_factory=list)  # class specs as configured ("elpv:mono")
-    map_low: float = 0.0  # 1st percentile of training patch scores: the bottom of the map colour scale
-    file: str = ""
-    sha256: str = ""
-
-    @classmethod
-    def from_entry(cls, e: dict) -> TaskRecord:
-        """The record of a manifest (or journal) task entry."""
-        return cls(e["index"], e["classes"], e["threshold"], e["specs"], e["map_low"], e["file"], e["sha256"])
-
-
 def read_manifest(model_dir: Path) -> dict:
-    model_dir = Path(model_dir)
-    path = model_dir / MANIFEST
-    if not model_dir.is_dir():
-        raise CheckpointError(f"{model_dir} is not a model directory (it does not exist); give the 'model' folder of a run")
-    if not path.is_file():
-        raise CheckpointError(f"{model_dir} is not a model directory: {MANIFEST} is missing; give the 'model' folder of a run")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is corrupt: {exc}") from None
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a moleflow manifest")
-    if manifest.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has format version {manifest.get('version')}; this moleflow reads {FORMAT_VERSION}")
-    return _upgraded(manifest)
+    """The verified manifest of `model_dir` (manifest.py), upgraded to today's keys."""
+    return _upgraded(read_verified(model_dir))
 
 
 # The descriptor's name before `backbone.local_avg_at` existed; it is the same computation as DESCRIPTOR
@@ -106,6 +77,9 @@ def _upgraded(manifest: dict) -> dict:
 
 def read_checked(model_dir: Path, entry: dict) -> dict[str, torch.Tensor]:
     """Load one safetensors file of the manifest after checking its sha256."""
+    problem = check_file_entry(entry, "an entry")
+    if problem is not None:
+        raise CheckpointError(f"{Path(model_dir) / MANIFEST}: {problem}")
     path = Path(model_dir) / entry["file"]
     if not path.is_file():
         raise CheckpointError(f"{path} is missing (listed in {MANIFEST})")
@@ -139,7 +113,13 @@ def write_model(
     on disk under the previous manifest and is kept as it is, byte for byte.
     """
     model_dir = Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
+    with writer_lock(model_dir):
+        return _write_model_locked(model_dir, config, backbone, channels, grid, shared, tasks, task_tensors, extra or {})
+
+
+def _write_model_locked(model_dir: Path, config: dict, backbone: dict, channels: int, grid: tuple[int, int],
+                        shared: dict[str, torch.Tensor], tasks: list[TaskRecord],
+                        task_tensors: dict[int, dict[str, torch.Tensor]], extra: dict) -> dict:
     old = read_manifest(model_dir) if (model_dir / MANIFEST).exists() else None
     old_tasks = {t["index"]: t for t in old["tasks"]} if old else {}
 
@@ -158,8 +138,7 @@ def write_model(
                 rec.file, rec.sha256 = prev["file"], prev["sha256"]
             elif not (rec.file and (model_dir / rec.file).is_file()):  # written before by `write_task_file`
                 raise CheckpointError(f"task {rec.index} has neither new tensors nor a file in {model_dir}")
-        entries.append({"index": rec.index, "classes": rec.classes, "specs": rec.specs or rec.classes,
-                        "threshold": rec.threshold, "map_low": rec.map_low, "file": rec.file, "sha256": rec.sha256})
+        entries.append(rec.to_entry())
 
     manifest = {
         "format": FORMAT,
@@ -170,9 +149,9 @@ def write_model(
         "grid": list(grid),
         "shared": shared_entry,
         "tasks": entries,
-        **(extra or {}),
+        **extra,
     }
-    atomic_write_text(model_dir / MANIFEST, json.dumps(manifest, indent=2))
+    manifest = write_sealed(model_dir, manifest)
     if old:  # files the new manifest no longer lists (replaced versions); readers of the old one may retry
         listed = {shared_entry["file"], *(e["file"] for e in entries)}
         for entry in [old["shared"], *old["tasks"]]:
@@ -205,9 +184,15 @@ def read_pending(model_dir: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        journal = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is corrupt ({exc}); delete it to start the parallel run's tasks over") from None
+    entries = journal.get("tasks", []) if isinstance(journal, dict) else None
+    problems = ["it is not a journal"] if not isinstance(entries, list) else []
+    problems += [p for e in entries or [] if (p := check_task_entry(e, e.get("index") if isinstance(e, dict) else -1))]
+    if problems:
+        raise CheckpointError(f"{path}: {problems[0]}; delete it to start the parallel run's tasks over")
+    return journal
 
 
 def write_pending(model_dir: Path, journal: dict) -> None:
