@@ -342,6 +342,16 @@ def _onnx_manifest(folder: Path) -> dict:
     return json.loads((folder / "export.json").read_text())
 
 
+def folder_sessions(folder: Path) -> tuple[Callable, dict[int, Callable]]:
+    """The ONNX Runtime sessions of an export folder's files as they are (the int8 copies are not the
+    exported files, so OnnxScorer's digest check would refuse them, as it should)."""
+    from moleflow.export import runtime_session
+
+    manifest = _onnx_manifest(folder)
+    return (runtime_session(folder / manifest["backbone"]["file"], "onnx"),
+            {e["index"]: runtime_session(folder / e["file"], "onnx") for e in manifest["tasks"]})
+
+
 def onnx_int8_folder(src: Path, dst: Path, calib_images: torch.Tensor | None, chains: bool, cache: dict) -> Path:
     """A copy of the export `src` in `dst` with onnxruntime.quantization int8 files: the backbone static
     when `calib_images` are given (QDQ, per-channel int8 weights, uint8 activations calibrated on them,
@@ -359,12 +369,12 @@ def onnx_int8_folder(src: Path, dst: Path, calib_images: torch.Tensor | None, ch
     dst.mkdir(parents=True)
     (dst / "export.json").write_text((src / "export.json").read_text())
     manifest = _onnx_manifest(src)
-    for file, quantize in [(manifest["backbone"], calib_images is not None), *[(e["file"], chains) for e in manifest["tasks"]]]:
+    for file, quantize in [(manifest["backbone"]["file"], calib_images is not None), *[(e["file"], chains) for e in manifest["tasks"]]]:
         data = (src / file).read_bytes()
         if not quantize:
             (dst / file).write_bytes(data)
             continue
-        key = (file == manifest["backbone"], hashlib.sha256(data).hexdigest())
+        key = (file == manifest["backbone"]["file"], hashlib.sha256(data).hexdigest())
         if key not in cache:
             out = dst.parent / f"int8_{key[1][:16]}_{file}"
             if key[0]:
@@ -396,7 +406,7 @@ def openvino_int8_sessions(folder: Path, calib_images: torch.Tensor, calib_patch
         return openvino_session(cache[key])
 
     manifest = _onnx_manifest(folder)
-    backbone = quantized(manifest["backbone"], [{"images": calib_images[i : i + 1].numpy()} for i in range(len(calib_images))])
+    backbone = quantized(manifest["backbone"]["file"], [{"images": calib_images[i : i + 1].numpy()} for i in range(len(calib_images))])
     tasks = {}
     for e in manifest["tasks"]:
         if calib_patches is None:
@@ -432,16 +442,16 @@ def variant_builders(systems: dict[int, System], folders: dict[int, Path], group
         out["torch-bf16-backbone"] = lambda: bf16_scorers(systems, chain_too=False)
         out["torch-bf16"] = lambda: bf16_scorers(systems, chain_too=True)
     if has("onnxruntime"):
-        out["onnx"] = each(lambda n, f: OnnxScorer(f, systems[n].router, "onnx"))
+        out["onnx"] = each(lambda n, f: OnnxScorer(f, systems[n], "onnx"))
         cache: dict = {}
         for name, bb, ch in (("onnx-int8-backbone", True, False), ("onnx-int8-chain", False, True), ("onnx-int8", True, True)):
             if "int8" in groups:
-                out[name] = each(lambda n, f, name=name, bb=bb, ch=ch: OnnxScorer(
-                    onnx_int8_folder(f, tmp / name / f.name, calib_images if bb else None, ch, cache), systems[n].router, "onnx"))
+                out[name] = each(lambda n, f, name=name, bb=bb, ch=ch: chains(n, *folder_sessions(
+                    onnx_int8_folder(f, tmp / name / f.name, calib_images if bb else None, ch, cache))))
     elif "int8" in groups:
         notes.append("int8 (onnxruntime.quantization) left out: onnxruntime is not installed")
     if has("openvino"):
-        out["openvino"] = each(lambda n, f: OnnxScorer(f, systems[n].router, "openvino"))
+        out["openvino"] = each(lambda n, f: OnnxScorer(f, systems[n], "openvino"))
         if "bf16" in groups:
             out["openvino-bf16"] = each(lambda n, f: chains(n, openvino_session(f / "backbone.onnx", "bf16"), {
                 e["index"]: openvino_session(f / e["file"], "bf16") for e in _onnx_manifest(f)["tasks"]}))

@@ -50,7 +50,7 @@ def test_every_image_of_every_batch_size_scores_as_pytorch(model_128, striped_ro
     pytest.importorskip({"onnx": "onnxruntime", "openvino": "openvino"}[runtime])
     system = _variant(model_128, kind)
     export_onnx(system, model_128, tmp_path / "export")
-    onnx = OnnxScorer(tmp_path / "export", system.router, runtime)
+    onnx = OnnxScorer(tmp_path / "export", system, runtime)
     paths = sorted(p for cls in ("bottle", "grid", "screw") for p in (striped_root / cls / "test").rglob("*.png"))
     images = torch.stack([load_image(p, SIZE) for p in paths])  # (24, 3, S, S): every product, good and defective
     for batch in BATCHES:

@@ -77,7 +77,7 @@ class Detector:
         if runtime != "torch":
             from moleflow.export import OnnxScorer
 
-            self._onnx = OnnxScorer(Path(export_dir), system.router, runtime)
+            self._onnx = OnnxScorer(Path(export_dir), system, runtime)
 
     @classmethod
     def load(cls, model_dir: str | Path, runtime: str = "torch", export_dir: str | Path | None = None) -> Detector:

@@ -15,7 +15,6 @@ which benchmarks/speed.py also feeds with torch.compile'd, bf16 and int8 version
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import warnings
@@ -27,14 +26,17 @@ import torch
 from torch import nn
 
 from moleflow.atomic import atomic_write_bytes, atomic_write_text
+from moleflow.integrity import file_digest_problem, plain_name, seal_problem, sealed_json, sha256_bytes
 from moleflow.config import ConfigError, ScoringConfig
 from moleflow.continual.system import System
+from moleflow.model.manifest import CheckpointError
 from moleflow.model.mole_flow import MoLEFlow
 from moleflow.router import UNKNOWN, TaskRouter
 from moleflow.scoring import Scores, anomaly_map, image_score, require_finite, task_patch_scores
 
 MANIFEST = "export.json"
 FORMAT = "moleflow-onnx"
+VERSION = 2  # 2: sealed by a digest, every file's sha256 checked at load, the model it came from named
 OPSET = 17
 
 
@@ -64,6 +66,10 @@ def _onnx_bytes(module: nn.Module, example: torch.Tensor, inputs: list[str], out
 FORMATS = ("onnx", "openvino")
 
 
+def _file_entry(out: Path, name: str) -> dict:
+    return {"file": name, "sha256": sha256_bytes((out / name).read_bytes())}
+
+
 def _write_ir(out: Path, onnx_name: str) -> dict:
     """The OpenVINO IR (.xml + .bin, f32) of an exported ONNX file beside it; its manifest entry."""
     import openvino as ov
@@ -72,29 +78,40 @@ def _write_ir(out: Path, onnx_name: str) -> dict:
     tmp = out / f".{stem}.tmp"
     tmp.mkdir(exist_ok=True)
     ov.save_model(ov.convert_model(str(out / onnx_name)), str(tmp / f"{stem}.xml"), compress_to_fp16=False)
-    digest = hashlib.sha256()
     for ext in (".bin", ".xml"):  # the .xml last: a reader that finds it finds its weights
-        data = (tmp / f"{stem}{ext}").read_bytes()
-        digest.update(data)
-        atomic_write_bytes(out / f"{stem}{ext}", data)
+        atomic_write_bytes(out / f"{stem}{ext}", (tmp / f"{stem}{ext}").read_bytes())
     for f in tmp.iterdir():
         f.unlink()
     tmp.rmdir()
-    return {"file": f"{stem}.xml", "sha256": digest.hexdigest()}
+    weights = _file_entry(out, f"{stem}.bin")
+    return {**_file_entry(out, f"{stem}.xml"), "weights": weights["file"], "weights_sha256": weights["sha256"]}
+
+
+def _previous(out: Path, system: System) -> dict | None:
+    """The export already in `out` when it is one of this model's (to complete), else None or an error."""
+    if not (out / MANIFEST).is_file():
+        return None
+    try:
+        old = _read_sealed(out)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (export into an empty folder)") from None
+    if old["model"]["backbone_identity"] != system.extractor.identity():
+        raise ConfigError(f"{out} holds the export of another backbone; export into an empty folder")
+    return old if old["model"]["shared_sha256"] == system.shared_sha256 else {**old, "tasks": []}  # shared flow changed
 
 
 def export_onnx(system: System, model_dir: Path, out: Path, fmt: str = "onnx") -> dict:
-    """Write (or complete) the export of `system` in `out`: ONNX files, and with `fmt` "openvino" their
-    OpenVINO IR too; returns the manifest."""
+    """Write (or complete) the export of `system` (loaded from `model_dir`) in `out`: ONNX files, and with
+    `fmt` "openvino" their OpenVINO IR too; returns the manifest."""
     if fmt not in FORMATS:
         raise ConfigError(f"export format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     if system.router.cfg.mode == "hybrid":
         raise ConfigError("router.mode hybrid needs the flow inside the router; export supports mahalanobis routing")
+    if not system.shared_sha256:
+        raise ConfigError("export needs a saved model (Detector.load or load_system of a model folder)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    old = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).is_file() else None
-    if old is not None and old.get("backbone_identity") != system.extractor.identity():
-        raise ConfigError(f"{out} holds the export of another backbone; export into an empty folder")
+    old = _previous(out, system)
     size = system.cfg.data.image_size
     example = torch.rand(2, 3, size, size, device=system.device)
     entries = {e["index"]: e for e in (old or {}).get("tasks", [])}
@@ -110,17 +127,19 @@ def export_onnx(system: System, model_dir: Path, out: Path, fmt: str = "onnx") -
                                ["patches"], ["image_score", "map", "patch_scores"])
             name = f"task_{rec.index:03d}.onnx"
             atomic_write_bytes(out / name, data)
-            entry = {"index": rec.index, "file": name, "sha256": hashlib.sha256(data).hexdigest(), "model_sha256": rec.sha256}
+            entry = {"index": rec.index, "file": name, "sha256": sha256_bytes(data), "model_sha256": rec.sha256}
         if fmt == "openvino" and "openvino" not in entry:
             entry = {**entry, "openvino": _write_ir(out, entry["file"])}
-        tasks.append({**entry, "classes": list(rec.classes), "threshold": rec.threshold, "map_low": rec.map_low})
+        tasks.append({**entry, "classes": list(rec.classes)})
     backbone_ir = (old or {}).get("backbone_openvino")
     if fmt == "openvino" and backbone_ir is None:
         backbone_ir = _write_ir(out, "backbone.onnx")
-    manifest = {"format": FORMAT, "opset": OPSET, "image_size": size, "model_dir": str(Path(model_dir).resolve()),
-                "backbone_identity": system.extractor.identity(), "backbone": "backbone.onnx", "tasks": tasks,
+    manifest = {"format": FORMAT, "version": VERSION, "opset": OPSET, "image_size": size,
+                "model_dir": str(Path(model_dir).resolve()),
+                "model": {"shared_sha256": system.shared_sha256, "backbone_identity": system.extractor.identity()},
+                "backbone": (old or {}).get("backbone") or _file_entry(out, "backbone.onnx"), "tasks": tasks,
                 **({"backbone_openvino": backbone_ir} if backbone_ir else {})}
-    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2))
+    atomic_write_text(out / MANIFEST, sealed_json(manifest))
     return manifest
 
 
@@ -128,7 +147,7 @@ RUNTIMES = ("onnx", "openvino")
 Session = Callable[[dict[str, np.ndarray]], list[np.ndarray]]  # feeds -> outputs
 
 
-def _session(path: Path, runtime: str) -> Session:
+def runtime_session(path: Path, runtime: str) -> Session:
     """One exported file as a function feeds -> outputs, on ONNX Runtime or OpenVINO (which reads ONNX)."""
     if runtime == "onnx":
         import onnxruntime as ort
@@ -171,22 +190,76 @@ class ChainScorer:
         return Scores(routed, image, patch, maps)
 
 
-class OnnxScorer(ChainScorer):
-    """`Scorer.score_images` on the exported files with ONNX Runtime or OpenVINO (routing by the PyTorch router)."""
+def _read_sealed(export_dir: Path) -> dict:
+    """export.json of `export_dir`, its format and digest checked (CheckpointError naming the problem)."""
+    path = Path(export_dir) / MANIFEST
+    again = f"export the model again: moleflow export MODEL --out {export_dir}"
+    if not path.is_file():
+        raise CheckpointError(f"{export_dir} is not a moleflow export ({MANIFEST} is missing); {again}")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is corrupt ({exc}); {again}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a moleflow ONNX export; {again}")
+    if manifest.get("version") != VERSION:
+        raise CheckpointError(f"{path} was written by another moleflow version (its files are not checked); {again}")
+    problem = seal_problem(manifest)
+    if problem is not None:
+        raise CheckpointError(f"{path} has {problem}: it was damaged or edited by hand; {again}")
+    return manifest
 
-    def __init__(self, export_dir: Path, router: TaskRouter, runtime: str = "onnx") -> None:
+
+def _check_file(export_dir: Path, name: object, sha256: object, role: str) -> Path:
+    """The path of the export's file `name` for `role` after checking its digest."""
+    again = f"export the model again (moleflow export MODEL --out {export_dir})"
+    if not plain_name(name):
+        raise CheckpointError(f"{export_dir / MANIFEST}: the {role} file {name!r} is not a plain name in the folder; {again}")
+    path = Path(export_dir) / str(name)
+    problem = file_digest_problem(path, str(sha256))
+    if problem is not None:
+        raise CheckpointError(f"{path} ({role}) {problem}; {again}")
+    return path
+
+
+def _runtime_file(export_dir: Path, entry: dict, runtime: str, role: str) -> Path:
+    """The file of `entry` that `runtime` reads (OpenVINO: its IR where exported, else the ONNX), checked."""
+    ir = entry.get("openvino") if runtime == "openvino" else None
+    if ir is None:
+        return _check_file(export_dir, entry.get("file"), entry.get("sha256"), role)
+    _check_file(export_dir, ir.get("weights"), ir.get("weights_sha256"), f"{role} weights")
+    return _check_file(export_dir, ir.get("file"), ir.get("sha256"), role)
+
+
+def checked_export(export_dir: Path, system: System, runtime: str) -> tuple[Path, dict[int, Path], int]:
+    """The files an export runs, each checked against its digest, and its image size; refused unless the
+    export was made from this model (its shared flow, backbone, and every task's file)."""
+    manifest = _read_sealed(export_dir)
+    again = f"export this model again (moleflow export MODEL --out {export_dir})"
+    made_from = manifest["model"]
+    if made_from["shared_sha256"] != system.shared_sha256 or made_from["backbone_identity"] != system.extractor.identity():
+        raise CheckpointError(f"{export_dir} is the export of another model (made from {manifest['model_dir']}); {again}")
+    exported = {e["index"]: e for e in manifest["tasks"]}
+    missing = sorted(r.index for r in system.tasks if r.index not in exported)
+    if missing:
+        raise CheckpointError(f"{export_dir} lacks the tasks {missing} of the model; {again}")
+    stale = sorted(r.index for r in system.tasks if exported[r.index]["model_sha256"] != r.sha256)
+    extra = sorted(set(exported) - {r.index for r in system.tasks})
+    if stale or extra:
+        raise CheckpointError(f"{export_dir} was made from another version of this model (tasks {stale or extra}); {again}")
+    backbone = _runtime_file(export_dir, {**manifest["backbone"], "openvino": manifest.get("backbone_openvino")},
+                             runtime, "backbone")
+    tasks = {t: _runtime_file(export_dir, e, runtime, f"task {t}") for t, e in exported.items()}
+    return backbone, tasks, manifest["image_size"]
+
+
+class OnnxScorer(ChainScorer):
+    """`Scorer.score_images` on the exported files with ONNX Runtime or OpenVINO (routing by the PyTorch
+    router), after checking that the export is this model's and every file its own."""
+
+    def __init__(self, export_dir: Path, system: System, runtime: str = "onnx") -> None:
         if runtime not in RUNTIMES:
             raise ConfigError(f"export runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
-        export_dir = Path(export_dir)
-        manifest = json.loads((export_dir / MANIFEST).read_text())
-        if manifest.get("format") != FORMAT:
-            raise ConfigError(f"{export_dir / MANIFEST} is not a moleflow ONNX export")
-        def file(entry: dict | None, onnx_name: str) -> Path:  # OpenVINO reads its IR where exported, else the ONNX
-            return export_dir / (entry["file"] if runtime == "openvino" and entry else onnx_name)
-
-        tasks = {e["index"]: _session(file(e.get("openvino"), e["file"]), runtime) for e in manifest["tasks"]}
-        missing = sorted(set(router.prototypes) - set(tasks))
-        if missing:
-            raise ConfigError(f"{export_dir} lacks the tasks {missing} of the model; export it again (moleflow export)")
-        backbone = _session(file(manifest.get("backbone_openvino"), manifest["backbone"]), runtime)
-        super().__init__(backbone, tasks, router, manifest["image_size"])
+        backbone, tasks, size = checked_export(Path(export_dir), system, runtime)
+        super().__init__(runtime_session(backbone, runtime), {t: runtime_session(p, runtime) for t, p in tasks.items()},
+                         system.router, size)

@@ -48,6 +48,7 @@ class System:
     tasks: list[TaskRecord] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason) left out by data.skip_bad
     memory: GradientMemory | None = None  # earlier tasks' gradient subspaces (finetune with train.ogp)
+    shared_sha256: str = ""  # the saved shared flow's digest (an export names the model it came from by it)
 
     @property
     def scorer(self) -> Scorer:
@@ -249,7 +250,7 @@ def save_system(system: System, model_dir: Path, new_tasks: list[int] | None = N
     """Write the model; only `new_tasks` (default: all) get their task files (re)written."""
     new = range(len(system.tasks)) if new_tasks is None else new_tasks
     task_tensors = {t: task_file_tensors(system, t) for t in new}
-    return checkpoint.write_model(
+    manifest = checkpoint.write_model(
         model_dir,
         config=config_to_dict(system.cfg),
         backbone=system.extractor.identity(),
@@ -259,6 +260,8 @@ def save_system(system: System, model_dir: Path, new_tasks: list[int] | None = N
         tasks=[dataclasses.replace(r) for r in system.tasks],  # write_model sets each copy's file and sha256
         task_tensors=task_tensors,
     )
+    system.shared_sha256 = manifest["shared"]["sha256"]
+    return manifest
 
 
 def load_system(model_dir: Path, cfg: Config | None = None) -> System:
@@ -281,6 +284,7 @@ def load_system(model_dir: Path, cfg: Config | None = None) -> System:
     if system.extractor.out_channels != manifest["channels"] or list(system.extractor.grid) != manifest["grid"]:
         raise CheckpointError(f"{model_dir}: feature dimensions differ from the model's ({manifest['channels']} channels, grid {manifest['grid']})")
     system.model.load_shared_state_dict(checkpoint.read_checked(model_dir, manifest["shared"]))
+    system.shared_sha256 = manifest["shared"]["sha256"]
     for entry in manifest["tasks"]:
         attach_task(system, TaskRecord.from_entry(entry), checkpoint.read_checked(model_dir, entry))
     system.model.to(system.device).eval()
