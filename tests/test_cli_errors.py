@@ -1,6 +1,10 @@
 """Every user mistake or numerical fault ends in one line that says what is wrong and how to fix it,
 exit code 2, no traceback (issue 8, the command line)."""
 
+import json
+import shutil
+from pathlib import Path
+
 import pytest
 
 from moleflow.features.backbone import FeatureExtractor
@@ -53,7 +57,13 @@ CASES = {
     "class already learned": (["add-task", "{base}/run/model", "--dataset", "mvtec", "--root", "{base}/data", "--classes", "bottle"],
                               ["already a task", "classes the model has not learned"]),
     "predict missing file": (["predict", "{base}/run/model", "{base}/nosuch.png", "--out", "{base}/p1"], ["nosuch.png does not exist"]),
-    "predict junk file": (["predict", "{base}/run/model", "{base}/junk.png", "--out", "{base}/p2"], ["cannot read image", "junk.png"]),
+    "predict junk file": (["predict", "{base}/run/model", "{base}/junk.png", "--out", "{base}/p2"],
+                          ["cannot read image", "junk.png", "--skip-bad"]),
+    "predict export without manifest": (["predict", "{base}/run/model", "{base}/data/bottle/test/good", "--out", "{base}/p4",
+                                         "--runtime", "onnx", "--export", "{base}/empty"],
+                                        ["not a moleflow export", "export.json is missing", "moleflow export MODEL"]),
+    "export of no model": (["export", "{base}/empty", "--out", "{base}/e1"], ["not a model directory"]),
+    "threshold of no model": (["threshold", "{base}/empty", "--task", "0", "--value", "1"], ["not a model directory"]),
     "predict empty folder": (["predict", "{base}/run/model", "{base}/empty", "--out", "{base}/p3"], ["holds no image files"]),
     "grid bad vary": (["grid", SMOKE, "--vary", "train.lr", "--out", "{base}/g"], ["must look like key=v1,v2"]),
     "report nothing": (["report", "{base}/nowhere"], ["no finished run", "moleflow fit"]),
@@ -113,3 +123,18 @@ def test_failed_fit_leaves_no_run_directory_behind(setup, tmp_path, capsys):
     kept.mkdir()
     _one_line_error(capsys, ["fit", SMOKE, f"data.root={setup}/empty", "scenario.tasks=[[bottle]]", "--out", str(kept)])
     assert kept.is_dir()  # a folder the user had is never removed
+
+
+def test_predict_skip_bad_leaves_junk_out_and_lists_it(setup, tmp_path, capsys):
+    images = tmp_path / "imgs"
+    shutil.copytree(setup / "data/bottle/test/good", images)
+    (images / "zz_junk.png").write_bytes(b"not an image")
+    (images / "zz_truncated.png").write_bytes((images / "000.png").read_bytes()[:200])
+    out = tmp_path / "p"
+    assert main(["--quiet", "predict", str(setup / "run/model"), str(images), "--out", str(out), "--skip-bad"]) == 0
+    lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    skipped = [json.loads(x) for x in (out / "skipped.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 and all(not x["path"].endswith(("zz_junk.png", "zz_truncated.png")) for x in lines)
+    assert sorted(Path(x["path"]).name for x in skipped) == ["zz_junk.png", "zz_truncated.png"]
+    assert all("cannot read" in x["reason"] for x in skipped)
+    assert "2 unreadable file(s) left out" in capsys.readouterr().out

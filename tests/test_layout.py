@@ -25,7 +25,7 @@ STAGES = [
     ("results",),  # typed results, tables, plots, HTML, run directory
     ("continual",),  # scenarios, methods, training, evaluation, jobs
     ("research",),  # grids, comparisons, analyses
-    ("api", "export", "predict", "predict_ray", "demo"),  # the Python API and the commands built on it
+    ("api", "export", "predict", "predict_ray", "demo", "verify"),  # the Python API and the commands built on it
     ("service",),  # the HTTP service and its page
     ("cli",),
 ]

@@ -153,7 +153,7 @@ def test_add_task_cli_commas_separate_tasks(cluster, data, tmp_path):
 def test_predict_on_ray_data_writes_the_local_predictions(cluster, data, sequential, tmp_path):
     images = [data / c / "test" for c in CLASSES]
     n = _one_thread(run_predict, sequential / "model", images, tmp_path / "local", progress=False)
-    assert run_predict(sequential / "model", images, tmp_path / "ray", progress=False, batch_size=8, ray="local") == n == 32
+    assert run_predict(sequential / "model", images, tmp_path / "ray", progress=False, batch_size=8, ray="local")[0] == n == 32
     assert (tmp_path / "ray/predictions.jsonl").read_text() == (tmp_path / "local/predictions.jsonl").read_text()
     maps = sorted(p.name for p in (tmp_path / "local/maps").iterdir())
     assert maps and maps == sorted(p.name for p in (tmp_path / "ray/maps").iterdir())

@@ -132,11 +132,17 @@ class Detector:
         if isinstance(image, np.ndarray):
             if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
                 raise ValueError(f"{name}: a NumPy image must be uint8 (H, W), (H, W, 3) or (H, W, 4), got {image.dtype} {image.shape}")
+            if image.shape[0] == 0 or image.shape[1] == 0:
+                raise ValueError(f"{name}: the NumPy image is empty ({image.shape[0]} x {image.shape[1]} pixels)")
             return image_from_pil(Image.fromarray(image), size, name)
         if isinstance(image, torch.Tensor):
             if tuple(image.shape) != (3, size, size) or not image.is_floating_point():
                 raise ValueError(f"{name}: a tensor image must be float (3, {size}, {size}) in [0, 1], got {image.dtype} {tuple(image.shape)}")
-            return image.detach().float().cpu()
+            x = image.detach().float().cpu()
+            if not bool(torch.isfinite(x).all()) or float(x.min()) < 0.0 or float(x.max()) > 1.0:
+                raise ValueError(f"{name}: a tensor image must hold values in [0, 1] (divide uint8 pixels by 255); "
+                                 f"got values from {float(x.min()):.4g} to {float(x.max()):.4g}")
+            return x
         raise TypeError(f"{name}: cannot read an image from {type(image).__name__}; give a path, PIL image, NumPy array or tensor")
 
     def predict(self, images: ImageLike | Sequence[ImageLike], batch_size: int = 8) -> Prediction | list[Prediction]:

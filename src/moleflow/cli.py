@@ -27,6 +27,8 @@ COMMANDS = {
     "analyze": "analyses of trained runs (tail: the tail-aware loss analysis suite)",
     "export": "the model as ONNX files (backbone + one scoring chain per task) that score as PyTorch does",
     "serve": "an HTTP inspection service with a browser page (POST /predict, GET /tasks, /health, /docs)",
+    "threshold": "set a task's decision threshold (a value, or a false-alarm rate on its held-out good images)",
+    "verify": "check every file of a model (and of its export) against the digests written with it",
 }
 
 
@@ -98,6 +100,21 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--export", type=Path, help="the folder `moleflow export` wrote (for --runtime onnx)")
     pr.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                     help="score on a Ray cluster with Ray Data (actors that load the model once): local (default), auto or an address")
+    pr.add_argument("--skip-bad", action="store_true",
+                    help="leave out unreadable or truncated images (listed in skipped.jsonl) instead of stopping")
+
+    th = sub.add_parser("threshold", help=COMMANDS["threshold"], parents=[common])
+    th.add_argument("model_dir", type=Path)
+    th.add_argument("--task", required=True, help="the task's index or one of its class names")
+    how = th.add_mutually_exclusive_group(required=True)
+    how.add_argument("--value", type=float, help="the new image-score threshold")
+    how.add_argument("--false-alarm-rate", type=float, metavar="R",
+                     help="the threshold that calls a share R of the task's held-out good images defective (e.g. 0.01)")
+
+    ve = sub.add_parser("verify", help=COMMANDS["verify"], parents=[common])
+    ve.add_argument("model_dir", type=Path)
+    ve.add_argument("--export", type=Path, help="also check this export folder is the model's and its files intact")
+    ve.add_argument("--seal", action="store_true", help="add a digest to a manifest written before manifests had one")
 
     ex = sub.add_parser("export", help=COMMANDS["export"], parents=[common])
     ex.add_argument("model_dir", type=Path)
@@ -232,9 +249,11 @@ def _evaluate(args: argparse.Namespace, progress: bool) -> int:
 def _predict(args: argparse.Namespace, progress: bool) -> int:
     from moleflow.predict import run_predict
 
-    n = run_predict(args.model_dir, args.paths, args.out, progress=progress, runtime=args.runtime, export_dir=args.export,
-                    ray=args.ray)
+    n, skipped = run_predict(args.model_dir, args.paths, args.out, progress=progress, runtime=args.runtime,
+                             export_dir=args.export, ray=args.ray, skip_bad=args.skip_bad)
     print(f"{n} predictions written to {args.out / 'predictions.jsonl'}")
+    if skipped:
+        print(f"{len(skipped)} unreadable file(s) left out, listed in {args.out / 'skipped.jsonl'}")
     return 0
 
 
@@ -299,6 +318,38 @@ def _serve(args: argparse.Namespace, progress: bool) -> int:
 
 HANDLERS = {"fit": _fit, "add-task": _add_task, "evaluate": _evaluate, "predict": _predict, "demo": _demo,
             "grid": _grid, "report": _report, "analyze": _analyze, "serve": _serve, "export": _export}
+
+
+def _threshold(args: argparse.Namespace, progress: bool) -> int:
+    from moleflow.model.manifest import TaskRecord, find_task, read_verified, set_threshold, threshold_for_rate
+
+    manifest = read_verified(args.model_dir)
+    index = find_task(manifest, args.task)
+    if args.value is not None:
+        value, how = args.value, "set by value"
+    else:
+        record = TaskRecord.from_entry(manifest["tasks"][index])
+        value = threshold_for_rate(record, args.false_alarm_rate)
+        how = f"false-alarm rate {args.false_alarm_rate:g} on {len(record.calibration)} held-out good images"
+    old, _ = set_threshold(args.model_dir, index, value, how)
+    print(f"task {index} ({'+'.join(manifest['tasks'][index]['classes'])}): threshold {old:.6g} -> {value:.6g} ({how})")
+    return 0
+
+
+def _verify(args: argparse.Namespace, progress: bool) -> int:
+    from moleflow.verify import verify
+
+    checks = verify(args.model_dir, args.export, args.seal)
+    for c in checks:
+        print(c.line())
+    failed = sum(not c.ok for c in checks)
+    print(f"verify: {failed} of {len(checks)} checks failed" if failed else f"verify: all {len(checks)} checks passed")
+    return 2 if failed else 0
+
+
+HANDLERS = {"fit": _fit, "add-task": _add_task, "evaluate": _evaluate, "predict": _predict, "demo": _demo,
+            "grid": _grid, "report": _report, "analyze": _analyze, "serve": _serve, "export": _export,
+            "threshold": _threshold, "verify": _verify}
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -48,6 +48,18 @@ def _record(p: Prediction, index: int, path: Path, out_dir: Path, image) -> dict
             "anomalous": p.anomalous, "map": f"maps/{stem}_map.png", "overlay": f"maps/{stem}_overlay.png"}
 
 
+def readable_images(files: list[Path], image_size: int) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The files that decode as images, and (file, reason) for each that does not (`predict --skip-bad`)."""
+    good, bad = [], []
+    for f in files:
+        try:
+            load_image(f, image_size)
+            good.append(f)
+        except DatasetError as exc:
+            bad.append((str(f), str(exc)))
+    return good, bad
+
+
 def predict_batch(detector: Detector, files: list[Path], start: int, out_dir: Path, shown: list[str] | None = None) -> list[str]:
     """The predictions.jsonl lines of images `files` (numbered from `start`), their PNGs written;
     `shown` are the paths as the user gave them (default: `files`)."""
@@ -58,14 +70,21 @@ def predict_batch(detector: Detector, files: list[Path], start: int, out_dir: Pa
 
 
 def run_predict(model_dir: Path, paths: list[Path], out_dir: Path, progress: bool = True, batch_size: int = 8,
-                runtime: str = "torch", export_dir: Path | None = None, ray: str | None = None) -> int:
+                runtime: str = "torch", export_dir: Path | None = None, ray: str | None = None,
+                skip_bad: bool = False) -> tuple[int, list[tuple[str, str]]]:
     """Score the images named or found in `paths`; write predictions.jsonl and the PNGs to `out_dir`.
-    With `ray` (a cluster address) the batches are scored by Ray Data actors that load the model once."""
+    With `ray` (a cluster address) the batches are scored by Ray Data actors that load the model once.
+    With `skip_bad`, files that do not decode are left out and listed in skipped.jsonl. Returns the
+    number of predictions and the skipped (file, reason) pairs."""
     detector = Detector.load(model_dir, runtime, export_dir)
     if detector.system.router.cfg.mode == "oracle":
         raise ConfigError("this model routes with the oracle (router.mode: oracle), which needs each image's true task; "
                           "predict cannot know it: retrain with router.mode=mahalanobis")
-    files = collect_images(paths)
+    files, skipped = collect_images(paths), []
+    if skip_bad:
+        files, skipped = readable_images(files, detector.image_size)
+        if not files:
+            raise DatasetError(f"none of the {len(skipped)} files decodes as an image (first: {skipped[0][1]})")
     out_dir = Path(out_dir)
     (out_dir / "maps").mkdir(parents=True, exist_ok=True)
     if ray is not None:
@@ -75,6 +94,11 @@ def run_predict(model_dir: Path, paths: list[Path], out_dir: Path, progress: boo
     else:
         lines = []
         for start in tqdm(range(0, len(files), batch_size), desc="predict", disable=not progress):
-            lines += predict_batch(detector, files[start : start + batch_size], start, out_dir)
+            try:
+                lines += predict_batch(detector, files[start : start + batch_size], start, out_dir)
+            except DatasetError as exc:
+                raise DatasetError(f"{exc} (predict --skip-bad leaves unreadable files out)") from None
     atomic_write_text(out_dir / "predictions.jsonl", "\n".join(lines) + "\n")
-    return len(lines)
+    if skip_bad:
+        atomic_write_text(out_dir / "skipped.jsonl", "".join(json.dumps({"path": f, "reason": r}) + "\n" for f, r in skipped))
+    return len(lines), skipped

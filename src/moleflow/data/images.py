@@ -40,6 +40,10 @@ class DatasetError(ValueError):
     """A data problem the user can fix; the message names the file or folder and the problem."""
 
 
+class ImageTooLargeError(DatasetError):
+    """An image whose header declares more pixels than the caller accepts (the service answers 413)."""
+
+
 @dataclass(frozen=True)
 class Sample:
     path: Path
@@ -93,6 +97,9 @@ def defect_samples(folder: Path, mask_dir: Path | None, class_name: str, dataset
 def _existing_file(path: str | Path, what: str) -> Path:
     """The path, if it is a non-empty file; else a DatasetError naming it."""
     path = Path(path)
+    if path.is_dir():
+        raise DatasetError(f"{what} {path} is a folder, not an image file (give its image files; "
+                           "`moleflow predict` also takes folders)")
     if not path.is_file():
         raise DatasetError(f"{what} {path} does not exist")
     if path.stat().st_size == 0:
@@ -156,6 +163,8 @@ def _decode_image(path: Path, image_size: int) -> tuple[torch.Tensor, tuple[int,
 
 def image_from_pil(im: Image.Image, image_size: int, name: str = "image") -> torch.Tensor:
     """A Pillow image (any mode) as the model's input (3, S, S) in [0, 1], decoded like an image file."""
+    if im.width == 0 or im.height == 0:
+        raise DatasetError(f"{name} is empty ({im.width} x {im.height} pixels)")
     try:
         im.load()
         oriented = ImageOps.exif_transpose(im)
@@ -165,15 +174,22 @@ def image_from_pil(im: Image.Image, image_size: int, name: str = "image") -> tor
     return _to_tensor(oriented, image_size, name)
 
 
-def image_from_bytes(data: bytes, image_size: int, name: str = "upload") -> torch.Tensor:
+def image_from_bytes(data: bytes, image_size: int, name: str = "upload", max_pixels: int | None = None) -> torch.Tensor:
     """An encoded image file's bytes (PNG, JPEG, …) as the model's input; DatasetError naming `name`
-    when the bytes are empty, not an image, or truncated."""
+    when the bytes are empty, not an image, or truncated, and ImageTooLargeError when the header
+    declares more than `max_pixels` pixels (None: only Pillow's own decompression-bomb check)."""
     if not data:
         raise DatasetError(f"{name} is empty (0 bytes)")
     try:
         im = Image.open(io.BytesIO(data))
     except _DECODE_ERRORS as exc:
         raise DatasetError(f"{name} is not an image file ({exc.__class__.__name__}: {exc})") from None
+    # Image.open has read the header only: refuse here, before a pixel is decoded. A small file may
+    # declare a huge image (12000 x 12000 of one colour is a 440 KB PNG that decodes to 430 MB).
+    width, height = im.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLargeError(f"{name} is {width} x {height} pixels ({width * height / 1e6:.1f} megapixels); "
+                                 f"the limit is {max_pixels / 1e6:.1f} megapixels")
     return image_from_pil(im, image_size, name)
 
 

@@ -29,6 +29,7 @@ FORMAT = "moleflow-model"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 log = logging.getLogger("moleflow.model")
+_WARNED: set[str] = set()  # unsealed manifests already warned about in this process
 
 
 class CheckpointError(RuntimeError):
@@ -139,12 +140,14 @@ def read_verified(model_dir: Path, allow_unsealed: bool = True) -> dict:
     path = Path(model_dir) / MANIFEST
     manifest = load_manifest_json(model_dir)
     problem = seal_problem(manifest)
-    if problem == "no digest" and allow_unsealed:
-        log.warning("%s has no digest (written before moleflow sealed its manifests): hand edits cannot be detected; "
-                    "`moleflow verify %s --seal` checks it and adds one", path, model_dir)
-    elif problem is not None:
+    unsealed = problem == "no digest" and allow_unsealed
+    if problem is not None and not unsealed:
         raise _refuse(path, f"it has {problem}")
     _check_values(path, manifest)
+    if unsealed and str(path) not in _WARNED:
+        _WARNED.add(str(path))
+        log.warning("%s has no digest (written before moleflow sealed its manifests): hand edits cannot be detected; "
+                    "`moleflow verify %s --seal` checks it and adds one", path, model_dir)
     return manifest
 
 
@@ -182,13 +185,14 @@ def find_task(manifest: dict, name: str) -> int:
 
 
 def threshold_for_rate(record: TaskRecord, rate: float) -> float:
-    """The threshold whose false-alarm rate on the task's held-out good calibration scores is `rate`."""
+    """The threshold that calls at most a share `rate` of the task's held-out good calibration scores
+    defective: one of those scores ("higher" quantile; a linear one can land below the rate's share)."""
     if not 0.0 < rate < 1.0:
         raise CheckpointError(f"a false-alarm rate must lie strictly between 0 and 1, not {rate}")
     if not record.calibration:
         raise CheckpointError(f"task {record.index} ({'+'.join(record.classes)}) has no stored calibration scores "
                               "(trained before moleflow stored them): set --value, or train the task again")
-    return float(np.quantile(np.asarray(record.calibration, dtype=np.float64), 1.0 - rate))
+    return float(np.quantile(np.asarray(record.calibration, dtype=np.float64), 1.0 - rate, method="higher"))
 
 
 def set_threshold(model_dir: Path, index: int, value: float, how: str) -> tuple[float, dict]:
