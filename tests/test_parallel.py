@@ -24,6 +24,7 @@ ray = pytest.importorskip("ray", reason="Ray is the optional extra moleflow[ray]
 from moleflow.cli import main  # noqa: E402
 from moleflow.config import load_config  # noqa: E402
 from moleflow.continual.jobs import run_add_task, run_fit, run_fit_parallel  # noqa: E402
+from moleflow.continual.parallel import FAULT_GATE  # noqa: E402
 from moleflow.predict import run_predict  # noqa: E402
 
 from helpers import CONFIGS, write_striped_class  # noqa: E402
@@ -32,11 +33,20 @@ CLASSES = {"bottle": (200, 60, 40), "grid": (40, 90, 210), "screw": (60, 200, 60
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """A local Ray cluster of 2 CPU slots for this module; its address for other processes."""
+def gate(tmp_path_factory) -> Path:
+    """The workers' fault gate (continual/parallel.py): a worker waits while `hold` exists in it."""
+    return tmp_path_factory.mktemp("gate")
+
+
+@pytest.fixture(scope="module")
+def cluster(gate):
+    """A local Ray cluster of 2 CPU slots for this module; its address for other processes. Its workers
+    inherit the fault gate's folder from this process's environment."""
+    os.environ[FAULT_GATE] = str(gate)
     ctx = ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
     yield ctx.address_info["address"]
     ray.shutdown()
+    os.environ.pop(FAULT_GATE, None)
 
 
 @pytest.fixture(scope="module")
@@ -97,23 +107,26 @@ def test_parallel_fit_writes_the_sequential_files_byte_for_byte(cluster, data, s
     assert not (tmp_path / "model/pending.json").exists()
 
 
-def test_killed_parallel_fit_keeps_written_tasks_and_resumes(cluster, data, sequential, tmp_path):
+def test_killed_parallel_fit_keeps_written_tasks_and_resumes(cluster, gate, data, sequential, tmp_path):
+    """The driver is killed when the test chooses: tasks 0-2 journaled, task 3's worker held at the gate."""
+    _arm(gate, "hold-3")
     cmd = [sys.executable, "-m", "moleflow.cli", "--quiet", "fit", str(CONFIGS / "smoke.yaml"), *_overrides(data, epochs=30),
            "--out", str(tmp_path), "--ray", cluster]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
     journal = tmp_path / "model" / "pending.json"
-    written: list[int] = []
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if journal.is_file():
-            written = [e["index"] for e in json.loads(journal.read_text())["tasks"]]
-            if len(written) >= 2:
-                break
-        time.sleep(0.01)
-    assert proc.poll() is None and 2 <= len(written) < 4, f"could not kill between tasks (journal: {written})"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    written = [e["index"] for e in json.loads(journal.read_text())["tasks"]]
+
+    def journaled() -> list[int]:
+        return sorted(e["index"] for e in json.loads(journal.read_text())["tasks"]) if journal.is_file() else []
+
+    try:
+        _wait_for(lambda: journaled() == [0, 1, 2] and any(w.read_text() == "3" for w in gate.glob("worker-*")), proc,
+                  "tasks 0-2 were written while task 3 waits")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        (gate / "hold-3").unlink(missing_ok=True)
+    written = journaled()
+    assert written == [0, 1, 2]
     assert not (tmp_path / "model/manifest.json").exists()  # the manifest switches only at the end
     stamps = {t: (tmp_path / f"model/task_{t:03d}.safetensors").stat().st_mtime_ns for t in written}
 
@@ -152,7 +165,7 @@ def test_add_task_cli_commas_separate_tasks(cluster, data, tmp_path):
 
 def test_predict_on_ray_data_writes_the_local_predictions(cluster, data, sequential, tmp_path):
     images = [data / c / "test" for c in CLASSES]
-    n = _one_thread(run_predict, sequential / "model", images, tmp_path / "local", progress=False)
+    n = _one_thread(run_predict, sequential / "model", images, tmp_path / "local", progress=False)[0]
     assert run_predict(sequential / "model", images, tmp_path / "ray", progress=False, batch_size=8, ray="local")[0] == n == 32
     assert (tmp_path / "ray/predictions.jsonl").read_text() == (tmp_path / "local/predictions.jsonl").read_text()
     maps = sorted(p.name for p in (tmp_path / "local/maps").iterdir())
@@ -183,35 +196,48 @@ def test_detector_add_task_on_ray(cluster, data, tmp_path):
     assert det.predict(data / "grid/test/good/000.png").classes == ("grid",)
 
 
-def _task_workers() -> list[int]:
-    """PIDs of Ray workers running learn_task now (Ray titles a busy worker `ray::learn_task`)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::learn_task"):
-                pids.append(int(proc.name))
-        except OSError:
-            continue
-    return pids
+def _arm(gate: Path, hold: str) -> None:
+    """Close the workers' gate `hold`, with no worker files left from an earlier test."""
+    for f in gate.glob("worker-*"):
+        f.unlink()
+    (gate / hold).touch()
 
 
-@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker processes in /proc (Linux)")
-def test_a_worker_killed_mid_task_is_retried_to_the_same_files(cluster, data, sequential, tmp_path):
+def _wait_for(condition, proc: subprocess.Popen, what: str) -> None:
+    """Until `condition()` holds; fails only if the run ends first (or after 30 minutes: a hang)."""
+    stop = time.monotonic() + 1800
+    while not condition():
+        assert proc.poll() is None, f"the run ended before {what}: {proc.stderr.read().decode()[-2000:]}"
+        assert time.monotonic() < stop, f"hung waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="kills a worker with SIGKILL (POSIX)")
+def test_a_worker_killed_mid_task_is_retried_to_the_same_files(cluster, gate, data, sequential, tmp_path):
+    """The test decides when the worker dies: later tasks' workers wait at the gate until it is opened,
+    one of them is killed there, then the gate opens and Ray retries the killed task."""
+    _arm(gate, "hold")
     cmd = [sys.executable, "-m", "moleflow.cli", "--quiet", "fit", str(CONFIGS / "smoke.yaml"), *_overrides(data, epochs=30),
            "--out", str(tmp_path), "--ray", cluster]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    killed = None
-    deadline = time.time() + 300
-    while killed is None and time.time() < deadline and proc.poll() is None:
-        workers = _task_workers()
-        if workers and (tmp_path / "model/pending.json").is_file():  # task 0 is in: a later task is running
-            killed = workers[0]
-            os.kill(killed, signal.SIGKILL)
-        time.sleep(0.01)
-    assert killed is not None, "no running worker was found to kill"
-    _, err = proc.communicate(timeout=600)
+    try:
+        _wait_for(lambda: list(gate.glob("worker-*")), proc, "a later task's worker reached the gate")
+        victim = sorted(gate.glob("worker-*"))[0]
+        pid = int(victim.name.removeprefix("worker-"))
+        os.kill(pid, signal.SIGKILL)
+        _wait_for(lambda: not Path(f"/proc/{pid}").exists() or b"zombie" in _status(pid), proc, "the worker died")
+    finally:
+        (gate / "hold").unlink(missing_ok=True)  # the retried task and the others go on
+    _, err = proc.communicate(timeout=1800)
     assert proc.returncode == 0, err.decode()[-2000:]
     assert _files(tmp_path / "model") == _files(sequential / "model")  # the retried task, too, byte for byte
+
+
+def _status(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/status").read_bytes().lower()
+    except OSError:
+        return b"zombie"
 
 
 def test_a_user_error_in_a_worker_is_one_line(cluster, data, sequential, tmp_path, capsys):

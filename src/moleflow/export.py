@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from moleflow.atomic import atomic_write_bytes, atomic_write_text
-from moleflow.integrity import file_digest_problem, plain_name, seal_problem, sealed_json, sha256_bytes
+from moleflow.integrity import file_digest_problem, plain_name, read_document, seal_problem, sealed_json, sha256_bytes
 from moleflow.config import ConfigError, ScoringConfig
 from moleflow.continual.system import System
 from moleflow.model.manifest import CheckpointError
@@ -196,14 +196,9 @@ def _read_sealed(export_dir: Path) -> dict:
     again = f"export the model again: moleflow export MODEL --out {export_dir}"
     if not path.is_file():
         raise CheckpointError(f"{export_dir} is not a moleflow export ({MANIFEST} is missing); {again}")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is corrupt ({exc}); {again}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a moleflow ONNX export; {again}")
-    if manifest.get("version") != VERSION:
-        raise CheckpointError(f"{path} was written by another moleflow version (its files are not checked); {again}")
+    manifest, problem = read_document(path, FORMAT, VERSION, "moleflow ONNX export")
+    if problem is not None:
+        raise CheckpointError(f"{path} {problem} (written by another moleflow, or damaged); {again}")
     problem = seal_problem(manifest)
     if problem is not None:
         raise CheckpointError(f"{path} has {problem}: it was damaged or edited by hand; {again}")

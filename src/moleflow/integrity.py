@@ -34,6 +34,22 @@ def sealed_json(doc: dict) -> str:
     return json.dumps({**doc, DIGEST_KEY: document_digest(doc)}, indent=2, allow_nan=False)
 
 
+def read_document(path: Path, fmt: str, version: int, what: str) -> tuple[dict | None, str | None]:
+    """(the parsed JSON document at `path`, None), or (None, why it is not a `fmt` document of `version`:
+    missing, corrupt, not a `what`, another version). Its digest is checked apart (`seal_problem`)."""
+    if not path.is_file():
+        return None, "is missing"
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return None, f"is corrupt ({exc})"
+    if not isinstance(doc, dict) or doc.get("format") != fmt:
+        return None, f"is not a {what}"
+    if doc.get("version") != version:
+        return None, f"has format version {doc.get('version')}; this moleflow reads {version}"
+    return doc, None
+
+
 def seal_problem(doc: dict) -> str | None:
     """Why `doc` does not match its digest ("no digest" when it has none), or None when it does."""
     stored = doc.get(DIGEST_KEY)

@@ -15,6 +15,8 @@ sequential `fit` every task file is byte-identical, and so is every evaluation.
 from __future__ import annotations
 
 import dataclasses
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from typing import Any
 import torch
 from threadpoolctl import threadpool_limits
 
+from moleflow.atomic import atomic_write_text
 from moleflow.config import Config, ConfigError, config_from_dict, config_to_dict
 from moleflow.continual.system import System, attach_task, build_system, learn_new_task, task_features, task_file_tensors
 from moleflow.continual.train import seed_everything
@@ -84,8 +87,26 @@ def learn_task(cfg_tree: dict, shared: dict[str, torch.Tensor] | None, index: in
     built as `run_fit` builds it, the shared flow loaded from `shared` (None: this is task 0, which
     trains it)."""
     torch.set_num_threads(1)
+    _fault_gate(index)
     with threadpool_limits(1):  # NumPy's BLAS too (the router's covariance): one thread, whatever the node has
         return _learn_task(config_from_dict(cfg_tree), shared, index, specs)
+
+
+FAULT_GATE = "MOLEFLOW_FAULT_GATE"  # a folder; tests only: lets a test decide when a worker dies
+
+
+def _fault_gate(index: int) -> None:
+    """Tests only: while $MOLEFLOW_FAULT_GATE/hold (any later task) or .../hold-<index> exists, the worker
+    of a later task says it is waiting (a file named by its pid, holding the index) and waits, so a test
+    kills a worker or the driver at a moment it chose instead of racing it."""
+    gate = os.environ.get(FAULT_GATE)
+    if not gate or index == 0:
+        return
+    holds = [Path(gate) / "hold", Path(gate) / f"hold-{index}"]
+    if any(h.exists() for h in holds):
+        atomic_write_text(Path(gate) / f"worker-{os.getpid()}", str(index))
+        while any(h.exists() for h in holds):
+            time.sleep(0.05)
 
 
 def _learn_task(cfg: Config, shared: dict[str, torch.Tensor] | None, index: int, specs: list[str]) -> LearnedTask:

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from moleflow.atomic import atomic_write_text
-from moleflow.integrity import is_sha256, plain_name, seal_problem, sealed_json
+from moleflow.integrity import is_sha256, plain_name, read_document, seal_problem, sealed_json
 
 FORMAT = "moleflow-model"
 FORMAT_VERSION = 1
@@ -123,14 +123,9 @@ def load_manifest_json(model_dir: Path) -> dict:
         raise CheckpointError(f"{model_dir} is not a model directory (it does not exist); give the 'model' folder of a run")
     if not path.is_file():
         raise CheckpointError(f"{model_dir} is not a model directory: {MANIFEST} is missing; give the 'model' folder of a run")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is corrupt: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a moleflow manifest")
-    if manifest.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has format version {manifest.get('version')}; this moleflow reads {FORMAT_VERSION}")
+    manifest, problem = read_document(path, FORMAT, FORMAT_VERSION, "moleflow manifest")
+    if problem is not None:
+        raise CheckpointError(f"{path} {problem}")
     return manifest
 
 
