@@ -1,5 +1,6 @@
 """Helpers shared by several test modules: tiny generated datasets, where the real data and configs are,
-and builders of results.json parts in the layout the jobs write (see moleflow.results.schema).
+builders of results.json parts in the layout the jobs write (see moleflow.results.schema), and the
+inspection service on a loopback port (`serving`).
 
 Fixtures built on them live in conftest.py; test modules import these functions from here, never from
 another test module.
@@ -8,6 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -131,3 +136,34 @@ def real_results_text(name: str) -> str:
 
 def real_results(name: str) -> dict:
     return json.loads(real_results_text(name))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serving(model_dir: Path, **settings):
+    """The service (ServiceConfig(model_dir, **settings)) on a free loopback port in a thread, started as
+    `moleflow serve` starts it (the timed protocol included); yields its base URL."""
+    import uvicorn
+
+    from moleflow.service.app import ServiceConfig, create_app
+    from moleflow.service.server import uvicorn_config
+
+    cfg = ServiceConfig(model_dir, **settings)
+    port = free_port()
+    server = uvicorn.Server(uvicorn_config(create_app(cfg), cfg, "127.0.0.1", port, "warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(20)
