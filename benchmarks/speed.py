@@ -531,6 +531,7 @@ def export_folders(systems: dict[int, System], tmp: Path) -> dict[int, Path]:
     export here (the export-based rows need it); {} otherwise."""
     import importlib.util
 
+    from moleflow.continual.system import save_system
     from moleflow.export import export_onnx
 
     if importlib.util.find_spec("onnx") is None:
@@ -538,7 +539,8 @@ def export_folders(systems: dict[int, System], tmp: Path) -> dict[int, Path]:
     out = {}
     for n, sys_ in systems.items():
         out[n] = tmp / f"T{n}"
-        export_onnx(sys_, out[n], out[n])
+        save_system(sys_, tmp / f"model_T{n}")  # an export names the saved model it came from
+        export_onnx(sys_, tmp / f"model_T{n}", out[n])
     return out
 
 

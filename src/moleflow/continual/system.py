@@ -261,6 +261,8 @@ def save_system(system: System, model_dir: Path, new_tasks: list[int] | None = N
         task_tensors=task_tensors,
     )
     system.shared_sha256 = manifest["shared"]["sha256"]
+    for rec, entry in zip(system.tasks, manifest["tasks"]):  # the system now names the files it was saved as
+        rec.file, rec.sha256 = entry["file"], entry["sha256"]
     return manifest
 
 
