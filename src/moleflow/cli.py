@@ -154,6 +154,14 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted image file (default %(default)s MB)")
     sv.add_argument("--max-batch", type=int, default=16, help="images scored together across requests (default %(default)s)")
     sv.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a request waits for others to batch with")
+    sv.add_argument("--token-file", type=Path, help="file holding the bearer token (default: $MOLEFLOW_API_TOKEN; none: no auth)")
+    sv.add_argument("--no-auth", action="store_true", help="serve a non-loopback --host without a token, on purpose")
+    sv.add_argument("--max-pixels", type=float, default=40e6, help="largest image (width x height, from its header, before decoding; default 40e6)")
+    sv.add_argument("--max-request-mb", type=float, help="largest request body (default: 64 files x --max-upload-mb)")
+    sv.add_argument("--max-uploads-in-flight", type=int, default=32, help="uploads received or scored at once; more get 503 (default %(default)s)")
+    sv.add_argument("--header-timeout", type=float, default=10.0, help="seconds for a request's line and headers (default %(default)s)")
+    sv.add_argument("--body-timeout", type=float, default=30.0, help="longest silence in a request body, in seconds (default %(default)s)")
+    sv.add_argument("--keep-alive-timeout", type=float, default=5.0, help="idle seconds before a kept-alive connection closes")
     return p
 
 
@@ -307,17 +315,23 @@ def _serve(args: argparse.Namespace, progress: bool) -> int:
     import uvicorn
 
     from moleflow.service.app import ServiceConfig, create_app
+    from moleflow.service.auth import auth_lines, read_token
+    from moleflow.service.server import uvicorn_config
 
-    cfg = ServiceConfig(args.model_dir, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_batch=args.max_batch,
-                        batch_wait_s=args.batch_wait_ms / 1000.0)
+    token, source = read_token(args.token_file)
+    lines = auth_lines(args.host, token, source, args.no_auth)  # refuses before the model is loaded
+    mb = 1024 * 1024
+    cfg = ServiceConfig(args.model_dir, max_upload_bytes=int(args.max_upload_mb * mb), max_batch=args.max_batch,
+                        batch_wait_s=args.batch_wait_ms / 1000.0, max_pixels=int(args.max_pixels), token=token,
+                        max_request_bytes=None if args.max_request_mb is None else int(args.max_request_mb * mb),
+                        max_uploads_in_flight=args.max_uploads_in_flight, header_timeout_s=args.header_timeout,
+                        body_timeout_s=args.body_timeout, keep_alive_s=args.keep_alive_timeout)
     app = create_app(cfg)  # loads the model first: a bad model directory is a one-line error, not a server
-    print(f"serving {args.model_dir} on http://{args.host}:{args.port}/ (docs at /docs); Ctrl-C stops")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+    for line in lines:
+        print(line, file=sys.stderr if line.startswith("warning") else sys.stdout)
+    print(f"serving {args.model_dir} on http://{args.host}:{args.port}/ (docs at /docs); Ctrl-C stops", flush=True)
+    uvicorn.Server(uvicorn_config(app, cfg, args.host, args.port, "warning" if args.quiet else "info")).run()
     return 0
-
-
-HANDLERS = {"fit": _fit, "add-task": _add_task, "evaluate": _evaluate, "predict": _predict, "demo": _demo,
-            "grid": _grid, "report": _report, "analyze": _analyze, "serve": _serve, "export": _export}
 
 
 def _threshold(args: argparse.Namespace, progress: bool) -> int:
