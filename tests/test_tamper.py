@@ -169,3 +169,13 @@ def test_a_clean_copy_predicts_exactly_as_the_original(kind, trained_model, expo
     assert _predict(capsys, trained_model, images, tmp_path / "a", *original)[0] == 0
     assert _predict(capsys, model, images, tmp_path / "b", *extra)[0] == 0
     assert (tmp_path / "a" / "predictions.jsonl").read_bytes() == (tmp_path / "b" / "predictions.jsonl").read_bytes()
+
+
+def test_exporting_into_a_damaged_export_is_refused_not_completed(trained_model, exports, tmp_path, capsys):
+    export = tmp_path / "export"
+    shutil.copytree(exports["onnx"], export)
+    _edit_json(export / "export.json", lambda d: d.update(opset=11))
+    capsys.readouterr()
+    assert main(["--quiet", "export", str(trained_model), "--out", str(export)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot be completed" in err and "export into an empty folder" in err, err

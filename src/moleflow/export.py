@@ -93,8 +93,8 @@ def _previous(out: Path, system: System) -> dict | None:
         return None
     try:
         old = _read_sealed(out)
-    except ConfigError as exc:
-        raise ConfigError(f"{exc} (export into an empty folder)") from None
+    except CheckpointError as exc:  # a damaged or older export.json: completing it would keep files never checked
+        raise ConfigError(f"{out} holds an export that cannot be completed ({exc}); export into an empty folder") from None
     if old["model"]["backbone_identity"] != system.extractor.identity():
         raise ConfigError(f"{out} holds the export of another backbone; export into an empty folder")
     return old if old["model"]["shared_sha256"] == system.shared_sha256 else {**old, "tasks": []}  # shared flow changed

@@ -257,12 +257,10 @@ def save_system(system: System, model_dir: Path, new_tasks: list[int] | None = N
         channels=system.extractor.out_channels,
         grid=system.extractor.grid,
         shared=system.model.shared_state_dict(),
-        tasks=[dataclasses.replace(r) for r in system.tasks],  # write_model sets each copy's file and sha256
+        tasks=system.tasks,  # write_model sets each record's file and sha256: the system names what it saved
         task_tensors=task_tensors,
     )
     system.shared_sha256 = manifest["shared"]["sha256"]
-    for rec, entry in zip(system.tasks, manifest["tasks"]):  # the system now names the files it was saved as
-        rec.file, rec.sha256 = entry["file"], entry["sha256"]
     return manifest
 
 
